@@ -1,0 +1,106 @@
+"""The committer: one per process, it commits queued pushes of many users together.
+
+Natural group commit: while one batch's transaction runs, pushes that arrive
+wait in the queue; when it ends, everything queued (up to a bound) becomes
+the next batch. No timer, no fixed wait: a lone push commits at once, and
+under load batches grow until the database keeps up. Measured reason: one
+transaction per push is bounded by PostgreSQL's per-transaction cost.
+
+Pushes of one user keep their queue order, so they get versions in the order
+they were submitted. One batch is in flight at a time per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from .errors import HubError, Unavailable
+from .store import Store
+from .types import Push, PushResult
+
+__all__ = ["Committer"]
+
+log = logging.getLogger("hub.committer")
+
+
+class Committer:
+    def __init__(
+        self, store: Store, *, max_batch_pushes: int = 512, max_batch_changes: int = 20000
+    ):
+        self.store = store
+        self.max_batch_pushes = max_batch_pushes
+        self.max_batch_changes = max_batch_changes
+        self._queue: deque[tuple[Push, asyncio.Future[PushResult]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches = 0
+        self.last_batch_size = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hub-committer")
+
+    async def submit(self, push: Push) -> PushResult:
+        """Queue a push and wait for its result; raises the push's ``HubError``."""
+        if self._closing:
+            raise Unavailable("the hub is shutting down; retry", retry_after=1.0)
+        future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        self._queue.append((push, future))
+        self._wakeup.set()
+        # The caller may go away (a client hung up); the push still commits,
+        # because it is already queued, and its result is simply not read.
+        return await asyncio.shield(future)
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    def _take_batch(self) -> list[tuple[Push, asyncio.Future[PushResult]]]:
+        batch = []
+        changes = 0
+        while self._queue and len(batch) < self.max_batch_pushes:
+            push = self._queue[0][0]
+            if batch and changes + len(push.changes) > self.max_batch_changes:
+                break
+            batch.append(self._queue.popleft())
+            changes += len(push.changes)
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._take_batch()
+            try:
+                results = await self.store.commit([push for push, _ in batch])
+            except Exception:  # the store answers per push; this is a bug, keep serving
+                log.exception("commit of a batch of %d pushes failed", len(batch))
+                results = [HubError("the push could not be stored") for _ in batch]
+            self.batches += 1
+            self.last_batch_size = len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, HubError):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
+def _consume(future: asyncio.Future[PushResult]) -> None:
+    # Mark the outcome read: a push whose client left is not an unhandled error.
+    if not future.cancelled():
+        future.exception()

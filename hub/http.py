@@ -1,0 +1,158 @@
+"""HTTP endpoints of PROTOCOL.md: push, pull, status, health.
+
+Every handler runs inside :func:`endpoint`, the one place where errors become
+responses: a :class:`~hub.errors.HubError` becomes its status and PROTOCOL.md's
+error body (with ``Retry-After`` where the code calls for it), a client that
+hung up mid-request is logged at info and answered with nothing, and
+anything else is a logged 500 ``internal``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from . import protocol
+from .auth import bearer_token
+from .errors import (
+    BadRequest,
+    Forbidden,
+    HubError,
+    Internal,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+)
+from .types import Principal
+
+if TYPE_CHECKING:
+    from .app import Hub
+
+__all__ = ["endpoint", "error_response", "json_response"]
+
+log = logging.getLogger("hub.http")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def error_response(error: HubError) -> Response:
+    headers = {}
+    if isinstance(error, (RateLimited, Unavailable)):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return json_response(error.body(), error.status, headers)
+
+
+def hub_of(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+def endpoint(handler: Handler) -> Handler:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except HubError as error:
+            return error_response(error)
+        except ClientDisconnect:
+            log.info("client went away mid-request", extra={"path": request.url.path})
+            return Response(status_code=499)
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.url.path})
+            return error_response(Internal("internal error"))
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+def principal(request: Request, scope: str) -> Principal:
+    """Authenticate the request and check it may use ``scope``."""
+    who = hub_of(request).authenticator.authenticate(bearer_token(request.headers))
+    if not who.can(scope):
+        raise Forbidden(f"this credential lacks the {scope!r} scope")
+    return who
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge("request body size", int(declared), limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge("request body size", size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@endpoint
+async def push(request: Request) -> Response:
+    """POST /v1/sync/push"""
+    hub = hub_of(request)
+    who = principal(request, "write")
+    key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
+    limits = hub.settings.limits
+    body = await read_body(request, limits.max_http_body_bytes)
+    parsed = protocol.parse_http_push(
+        body, user=who.user, key=key, limits=limits, now_ms=time.time_ns() // 1_000_000
+    )
+    result = await hub.push(parsed)
+    headers = {"Idempotent-Replay": "true"} if result.replay else None
+    return json_response(result.body(), 200, headers)
+
+
+@endpoint
+async def pull(request: Request) -> Response:
+    """GET /v1/sync/pull?since=&limit=&collection="""
+    hub = hub_of(request)
+    who = principal(request, "read")
+    query = protocol.parse_pull_query(request.query_params, hub.settings.limits)
+    page = await hub.store.pull(who.user, query)
+    return json_response(protocol.pull_body(page))
+
+
+@endpoint
+async def status(request: Request) -> Response:
+    """GET /v1/sync/status"""
+    who = principal(request, "read")
+    return json_response(await hub_of(request).store.status(who.user))
+
+
+@endpoint
+async def health(request: Request) -> Response:
+    """GET /health: proves the hub can reach its database (cached about a second)."""
+    report = await hub_of(request).health()
+    return json_response(report, 503 if report["status"] == "down" else 200)
+
+
+async def live(request: Request) -> Response:
+    """GET /health/live: the process serves."""
+    return json_response({"status": "ok"})
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 and friends, in PROTOCOL.md's error body."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no such endpoint: {request.url.path}"))
+    if exc.status_code == 405:
+        error = BadRequest(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        error = BadRequest(str(exc.detail))
+    return json_response(error.body(), exc.status_code)

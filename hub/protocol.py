@@ -1,0 +1,289 @@
+"""The wire protocol of PROTOCOL.md: parse and validate what clients send,
+encode what the hub sends.
+
+Pure (no I/O, no asyncio): bytes or decoded JSON in, typed values out, or a
+:class:`~hub.errors.HubError` whose message names the change index and the
+field at fault. Everything is checked before anything is written, so a push
+with one bad change is rejected whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from . import hlc
+from .errors import BadRequest, ClockSkew, InvalidChange, PayloadTooLarge
+from .types import Change, Cursor, Delta, FieldWrite, PullPage, Push
+
+__all__ = [
+    "Limits",
+    "decode_cursor",
+    "delta_body",
+    "dumps",
+    "encode_cursor",
+    "loads",
+    "parse_changes",
+    "parse_http_push",
+    "parse_pull_query",
+    "valid_device",
+]
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEVICE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+ORIGINS = frozenset({"user", "agent", "system", "migration"})
+CHANGE_KEYS = frozenset({"collection", "id", "op", "fields", "hlc", "actor", "origin"})
+MAX_ID_CHARS = 128
+MAX_ACTOR_BYTES = 4 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits of PROTOCOL.md that a push is checked against."""
+
+    max_changes_per_push: int = 1000
+    max_value_bytes: int = 64 * 1024
+    max_clock_drift_ms: int = 60_000
+    max_http_body_bytes: int = 10 * 1024 * 1024
+    max_ws_message_bytes: int = 1024 * 1024
+    default_pull_limit: int = 500
+    max_pull_limit: int = 5000
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode JSON; malformed input is a ``bad_request`` that says where."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def valid_device(device: object) -> bool:
+    return isinstance(device, str) and DEVICE_RE.fullmatch(device) is not None
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    return False
+
+
+def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
+    encoded = orjson.dumps(value)
+    if len(encoded) > limit:
+        raise InvalidChange(
+            f"encoded value is {len(encoded)} bytes, the limit is {limit}", index=index, field=what
+        )
+    # PostgreSQL's jsonb cannot hold U+0000; orjson writes it as \u0000, so the
+    # cheap byte search finds every candidate and the walk rules out look-alikes.
+    if b"\\u0000" in encoded and _has_nul(value):
+        raise InvalidChange("strings may not contain U+0000", index=index, field=what)
+    return encoded.decode()
+
+
+def _stamp(value: Any, index: int, what: str, now_ms: int, max_drift_ms: int) -> str:
+    if not hlc.is_stamp(value):
+        raise InvalidChange(
+            f"not an HLC stamp (want <13 digits>-<4 digits>-<node>): {value!r}"[:200],
+            index=index,
+            field=what,
+        )
+    ahead = hlc.ahead_ms(value, now_ms)
+    if ahead > max_drift_ms:
+        raise ClockSkew(value, ahead, max_drift_ms, index=index)
+    return str(value)
+
+
+def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
+    if not isinstance(raw, dict):
+        raise InvalidChange("a change must be an object", index=index)
+    unknown = raw.keys() - CHANGE_KEYS
+    if unknown:
+        raise InvalidChange(f"unknown key(s) {sorted(unknown)}", index=index)
+    collection = raw.get("collection")
+    if not isinstance(collection, str) or NAME_RE.fullmatch(collection) is None:
+        raise InvalidChange(
+            "must be 1..64 characters of [A-Za-z0-9_.-]", index=index, field="collection"
+        )
+    record_id = raw.get("id")
+    if not isinstance(record_id, str) or not 1 <= len(record_id) <= MAX_ID_CHARS:
+        raise InvalidChange("must be a string of 1..128 characters", index=index, field="id")
+    if "\x00" in record_id:
+        raise InvalidChange("may not contain U+0000", index=index, field="id")
+    origin = raw.get("origin")
+    if origin is not None and origin not in ORIGINS:
+        raise InvalidChange(f"must be one of {sorted(ORIGINS)}", index=index, field="origin")
+    actor = None
+    if raw.get("actor") is not None:
+        actor = _encode_value(raw["actor"], MAX_ACTOR_BYTES, "actor", index)
+    op = raw.get("op")
+    drift = limits.max_clock_drift_ms
+    if op == "delete":
+        if "fields" in raw:
+            raise InvalidChange("a delete has no fields", index=index, field="fields")
+        stamp = _stamp(raw.get("hlc"), index, "hlc", now_ms, drift)
+        return Change(collection, record_id, "delete", (), stamp, origin, actor)
+    if op != "upsert":
+        raise InvalidChange(f"must be 'upsert' or 'delete', not {op!r}", index=index, field="op")
+    if "hlc" in raw:
+        raise InvalidChange(
+            "an upsert stamps each field; 'hlc' belongs to deletes", index=index, field="hlc"
+        )
+    fields = raw.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise InvalidChange(
+            "an upsert needs an object with at least one field", index=index, field="fields"
+        )
+    writes = []
+    for name, spec in fields.items():
+        where = f"fields.{name}"
+        if NAME_RE.fullmatch(name) is None or name.startswith("_"):
+            raise InvalidChange(
+                "a field name is 1..64 characters of [A-Za-z0-9_.-], not starting with '_'",
+                index=index,
+                field=where[:80],
+            )
+        if not isinstance(spec, dict) or "value" not in spec or "hlc" not in spec:
+            raise InvalidChange('must be {"value": ..., "hlc": "..."}', index=index, field=where)
+        if len(spec) != 2:
+            raise InvalidChange("only 'value' and 'hlc' are allowed", index=index, field=where)
+        value = _encode_value(spec["value"], limits.max_value_bytes, where, index)
+        stamp = _stamp(spec["hlc"], index, where + ".hlc", now_ms, drift)
+        writes.append(FieldWrite(name, value, stamp))
+    return Change(collection, record_id, "upsert", tuple(writes), None, origin, actor)
+
+
+def parse_changes(raw: Any, limits: Limits, now_ms: int) -> tuple[Change, ...]:
+    """Validate the ``changes`` array of a push, every limit of PROTOCOL.md."""
+    if not isinstance(raw, list):
+        raise BadRequest("'changes' must be an array")
+    if len(raw) > limits.max_changes_per_push:
+        raise PayloadTooLarge("number of changes", len(raw), limits.max_changes_per_push)
+    return tuple(_change(item, i, limits, now_ms) for i, item in enumerate(raw))
+
+
+def parse_http_push(
+    body: bytes, *, user: str, key: str | None, limits: Limits, now_ms: int
+) -> Push:
+    """Parse ``POST /v1/sync/push``: ``{"device": "...", "changes": [...]}``."""
+    if len(body) > limits.max_http_body_bytes:
+        raise PayloadTooLarge("request body size", len(body), limits.max_http_body_bytes)
+    doc = loads(body)
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    device = doc.get("device")
+    if not valid_device(device):
+        raise BadRequest("'device' is required: 1..64 characters of [A-Za-z0-9_.:-]")
+    assert isinstance(device, str)
+    if "changes" not in doc:
+        raise BadRequest("'changes' is required")
+    changes = parse_changes(doc["changes"], limits, now_ms)
+    if key is not None and not 1 <= len(key) <= 255:
+        raise BadRequest("Idempotency-Key must be 1..255 characters")
+    return Push(user, device, changes, key, "http", hashlib.sha256(body).digest())
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    """Opaque cursor text: ``"<version>"`` or, inside a version, ``"<version>.<position>"``."""
+    if cursor.collection is None:
+        return str(cursor.version)
+    position = orjson.dumps([cursor.collection, cursor.record_id])
+    return f"{cursor.version}.{base64.urlsafe_b64encode(position).decode().rstrip('=')}"
+
+
+def decode_cursor(text: str | int | None) -> Cursor:
+    """Parse a cursor (``0``, absent or empty: the beginning); ``bad_request`` when malformed."""
+    if text is None or text == "" or text == 0:
+        return Cursor(0)
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return Cursor(text)
+    if not isinstance(text, str):
+        raise BadRequest("malformed cursor")
+    version_text, _, position = text.partition(".")
+    if not version_text.isdigit() or len(version_text) > 18:
+        raise BadRequest(f"malformed cursor: {text[:80]!r}")
+    if not position:
+        return Cursor(int(version_text))
+    try:
+        collection, record_id = orjson.loads(
+            base64.urlsafe_b64decode(position + "=" * (-len(position) % 4))
+        )
+    except (ValueError, binascii.Error, orjson.JSONDecodeError):
+        raise BadRequest(f"malformed cursor: {text[:80]!r}") from None
+    if not isinstance(collection, str) or not isinstance(record_id, str):
+        raise BadRequest(f"malformed cursor: {text[:80]!r}")
+    return Cursor(int(version_text), collection, record_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PullQuery:
+    cursor: Cursor
+    limit: int
+    collection: str | None
+
+
+def parse_pull_query(params: Mapping[str, Any], limits: Limits) -> PullQuery:
+    """Parse ``since``, ``limit`` and ``collection`` of a pull (HTTP query or WS message)."""
+    cursor = decode_cursor(params.get("since"))
+    raw_limit = params.get("limit")
+    if raw_limit is None or raw_limit == "":
+        limit = limits.default_pull_limit
+    else:
+        try:
+            limit = int(raw_limit)
+        except (TypeError, ValueError):
+            raise BadRequest(f"'limit' must be an integer, not {raw_limit!r}") from None
+        if isinstance(raw_limit, bool) or not 1 <= limit <= limits.max_pull_limit:
+            raise BadRequest(f"'limit' must be 1..{limits.max_pull_limit}")
+    collection = params.get("collection")
+    if collection is not None and (
+        not isinstance(collection, str) or NAME_RE.fullmatch(collection) is None
+    ):
+        raise BadRequest("'collection' must be 1..64 characters of [A-Za-z0-9_.-]")
+    return PullQuery(cursor, limit, collection)
+
+
+def delta_body(delta: Delta) -> dict[str, Any]:
+    """A record delta as PROTOCOL.md spells it; values stay as JSON fragments."""
+    return {
+        "collection": delta.collection,
+        "id": delta.record_id,
+        "version": delta.version,
+        "device": delta.device,
+        "fields": {
+            name: {"value": _fragment(value), "hlc": stamp}
+            for name, (value, stamp) in delta.fields.items()
+        },
+        "deleted": delta.deleted,
+        "deleted_hlc": delta.deleted_hlc,
+        "origin": delta.origin,
+        "actor": _fragment(delta.actor),
+    }
+
+
+def _fragment(value: Any) -> Any:
+    return orjson.Fragment(value) if isinstance(value, str) else value
+
+
+def pull_body(page: PullPage) -> dict[str, Any]:
+    return {
+        "changes": [delta_body(d) for d in page.changes],
+        "cursor": encode_cursor(page.cursor),
+        "has_more": page.has_more,
+        "version": page.version,
+    }

@@ -1,0 +1,544 @@
+"""The PostgreSQL store: a batch of pushes is one transaction of set-based statements.
+
+A batch, whatever its size, is five round trips inside one transaction:
+
+1. create missing user rows, then lock the version rows of the batch's users
+   (``SELECT ... FOR UPDATE``, users in a fixed order, so batches of several
+   processes never deadlock);
+2. read the idempotency receipts of the batch's keyed pushes;
+3. read the current stamps of every record the batch touches;
+4. merge in Python with :mod:`hub.merge`, the reference rules, giving each
+   push that changed something its user's next version;
+5. write it all with one statement of ``unnest``-fed ``INSERT ... ON CONFLICT
+   DO UPDATE ... WHERE`` the incoming stamp is greater (fields, records),
+   version bumps, receipts and device sightings.
+
+Because the version rows are locked for the whole transaction, the merge in
+step 4 sees exactly the state it overwrites, and one user's versions commit in
+order across processes. A batch that fails for a reason that is not one push's
+fault is retried push by push, so one bad push cannot sink the others.
+
+This module is the only one that speaks SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from .errors import (
+    HubError,
+    IdempotencyKeyReused,
+    Internal,
+    InvalidChange,
+    ResetRequired,
+    Unavailable,
+)
+from .merge import RecordState, apply_delete, apply_upsert
+from .protocol import PullQuery
+from .types import Cursor, Delta, PullPage, Push, PushResult
+
+__all__ = ["PostgresStore", "read_schema"]
+
+log = logging.getLogger("hub.store")
+
+SCHEMA_LOCK = 0x6875625F736368  # advisory lock id held while the schema is applied
+
+RECEIPT_TTL = "24 hours"
+
+# Failures of the connection or the server as a whole: no push is at fault.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def read_schema() -> str:
+    """``schema.sql``: from the source tree when run from it, else from the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "schema.sql", here / "schema.sql"):
+        if candidate.is_file():
+            return candidate.read_text()
+    return importlib.resources.files("hub").joinpath("schema.sql").read_text()
+
+
+INSERT_USERS = """
+INSERT INTO hub_users (user_id) SELECT u FROM unnest($1::text[]) AS u ORDER BY u
+ON CONFLICT (user_id) DO NOTHING
+"""
+
+LOCK_USERS = """
+SELECT user_id, version FROM hub_users WHERE user_id = ANY($1::text[])
+ORDER BY user_id FOR UPDATE
+"""
+
+READ_RECEIPTS = f"""
+SELECT r.user_id, r.scope, r.key, r.digest, r.response
+FROM unnest($1::text[], $2::text[], $3::text[]) AS k(u, s, key)
+JOIN hub_receipts r ON r.user_id = k.u AND r.scope = k.s AND r.key = k.key
+WHERE r.created_at > now() - interval '{RECEIPT_TTL}'
+"""
+
+READ_STATE = """
+SELECT k.u, k.c, k.i, r.deleted_hlc, f.field, f.hlc
+FROM unnest($1::text[], $2::text[], $3::text[]) AS k(u, c, i)
+JOIN hub_records r ON r.user_id = k.u AND r.collection = k.c AND r.record_id = k.i
+LEFT JOIN hub_fields f ON f.user_id = k.u AND f.collection = k.c AND f.record_id = k.i
+"""
+
+WRITE = """
+WITH fields AS (
+    INSERT INTO hub_fields AS t
+        (user_id, collection, record_id, field, value, hlc, version, device, origin, actor)
+    SELECT u, c, i, n, val::jsonb, h, v, d, o, a::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::bigint[], $8::text[], $9::text[], $10::text[])
+        AS x(u, c, i, n, val, h, v, d, o, a)
+    ON CONFLICT (user_id, collection, record_id, field) DO UPDATE
+        SET value = excluded.value, hlc = excluded.hlc, version = excluded.version,
+            device = excluded.device, origin = excluded.origin, actor = excluded.actor
+        WHERE excluded.hlc > t.hlc
+    RETURNING 1
+), records AS (
+    INSERT INTO hub_records AS t
+        (user_id, collection, record_id, deleted_hlc, deleted_at, version, device, origin, actor)
+    SELECT u, c, i, dh, CASE WHEN dh IS NULL THEN NULL ELSE now() END, v, d, o, a::jsonb
+    FROM unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[],
+                $16::text[], $17::text[], $18::text[]) AS x(u, c, i, dh, v, d, o, a)
+    ON CONFLICT (user_id, collection, record_id) DO UPDATE
+        SET deleted_hlc = excluded.deleted_hlc, deleted_at = excluded.deleted_at,
+            version = excluded.version, device = excluded.device,
+            origin = excluded.origin, actor = excluded.actor
+        WHERE excluded.deleted_hlc > coalesce(t.deleted_hlc, '')
+    RETURNING 1
+), users AS (
+    UPDATE hub_users AS t SET version = x.v
+    FROM unnest($19::text[], $20::bigint[]) AS x(u, v)
+    WHERE t.user_id = x.u
+    RETURNING 1
+), receipts AS (
+    INSERT INTO hub_receipts (user_id, scope, key, digest, response)
+    SELECT u, s, k, dg, r::jsonb
+    FROM unnest($21::text[], $22::text[], $23::text[], $24::bytea[], $25::text[])
+        AS x(u, s, k, dg, r)
+    ON CONFLICT (user_id, scope, key) DO UPDATE
+        SET digest = excluded.digest, response = excluded.response, created_at = now()
+    RETURNING 1
+), devices AS (
+    INSERT INTO hub_devices AS t (user_id, device)
+    SELECT u, d FROM unnest($26::text[], $27::text[]) AS x(u, d)
+    ON CONFLICT (user_id, device) DO UPDATE SET last_seen = now()
+        WHERE t.last_seen < now() - interval '1 minute'
+    RETURNING 1
+)
+SELECT 1
+"""
+
+# The deltas after a cursor. Each branch reads at most limit+1 delta keys in
+# index order; a field stamped at or before its record's delete stamp is not
+# part of the state, so it makes no delta. The user's version is read in the
+# same snapshot: a page that reaches the end may move the cursor up to it.
+PULL = """
+WITH keys AS (
+    SELECT version, collection, record_id FROM (
+        (SELECT DISTINCT f.version, f.collection, f.record_id
+         FROM hub_fields f
+         JOIN hub_records r USING (user_id, collection, record_id)
+         WHERE f.user_id = $1 AND (f.version, f.collection, f.record_id) > ($2, $3, $4)
+           AND ($6::text IS NULL OR f.collection = $6)
+           AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
+         ORDER BY 1, 2, 3 LIMIT $5)
+        UNION
+        (SELECT r.version, r.collection, r.record_id
+         FROM hub_records r
+         WHERE r.user_id = $1 AND r.deleted_hlc IS NOT NULL
+           AND (r.version, r.collection, r.record_id) > ($2, $3, $4)
+           AND ($6::text IS NULL OR r.collection = $6)
+         ORDER BY 1, 2, 3 LIMIT $5)
+    ) u
+    ORDER BY 1, 2, 3 LIMIT $5
+)
+SELECT k.version, k.collection, k.record_id,
+       r.deleted_hlc, r.device AS record_device,
+       r.origin AS record_origin, r.actor::text AS record_actor,
+       (r.deleted_hlc IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM hub_fields l
+            WHERE l.user_id = $1 AND l.collection = k.collection
+              AND l.record_id = k.record_id AND l.hlc > r.deleted_hlc)) AS deleted,
+       f.field, f.value::text AS value, f.hlc, f.device, f.origin, f.actor::text AS actor,
+       (SELECT u.version FROM hub_users u WHERE u.user_id = $1) AS user_version,
+       (SELECT u.horizon FROM hub_users u WHERE u.user_id = $1) AS horizon
+FROM keys k
+JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
+    AND r.record_id = k.record_id
+LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
+    AND f.record_id = k.record_id AND f.version = k.version
+    AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
+ORDER BY k.version, k.collection, k.record_id, f.field
+"""
+
+USER_STATE = "SELECT version, horizon FROM hub_users WHERE user_id = $1"
+
+STATUS_COLLECTIONS = """
+SELECT r.collection,
+       count(*) FILTER (WHERE NOT dead) AS live,
+       count(*) FILTER (WHERE dead) AS deleted
+FROM (
+    SELECT r.collection,
+           (r.deleted_hlc IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM hub_fields f
+               WHERE f.user_id = r.user_id AND f.collection = r.collection
+                 AND f.record_id = r.record_id AND f.hlc > r.deleted_hlc)) AS dead
+    FROM hub_records r WHERE r.user_id = $1
+) r
+GROUP BY r.collection ORDER BY r.collection
+"""
+
+STATUS_DEVICES = "SELECT device FROM hub_devices WHERE user_id = $1 ORDER BY device"
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a batch writes, gathered by the merge, as the columns of WRITE."""
+
+    fields: dict[tuple[str, str, str, str], tuple[str, str, int, str, str | None, str | None]] = (
+        field(default_factory=dict)
+    )
+    records: dict[tuple[str, str, str], tuple[str | None, int, str, str | None, str | None]] = (
+        field(default_factory=dict)
+    )
+    versions: dict[str, int] = field(default_factory=dict)
+    receipts: dict[tuple[str, str, str], tuple[bytes, str]] = field(default_factory=dict)
+    devices: set[tuple[str, str]] = field(default_factory=set)
+
+    def arguments(self) -> list[list[Any]]:
+        f_keys = list(self.fields)
+        f_vals = [self.fields[k] for k in f_keys]
+        r_keys = list(self.records)
+        r_vals = [self.records[k] for k in r_keys]
+        rc_keys = list(self.receipts)
+        rc_vals = [self.receipts[k] for k in rc_keys]
+        devices = sorted(self.devices)
+        return [
+            *(list(col) for col in _columns(f_keys, 4)),
+            *(list(col) for col in _columns(f_vals, 6)),
+            *(list(col) for col in _columns(r_keys, 3)),
+            *(list(col) for col in _columns(r_vals, 5)),
+            list(self.versions),
+            list(self.versions.values()),
+            *(list(col) for col in _columns(rc_keys, 3)),
+            *(list(col) for col in _columns(rc_vals, 2)),
+            [u for u, _ in devices],
+            [d for _, d in devices],
+        ]
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[tuple[Any, ...]]:
+    if not rows:
+        return [()] * width
+    return list(zip(*rows, strict=True))
+
+
+class PostgresStore:
+    """The :class:`hub.store.Store` on PostgreSQL, over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0
+    ) -> PostgresStore:
+        """Open a pool and apply the schema (idempotent; safe with several processes)."""
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            command_timeout=timeout,
+            server_settings={"application_name": "hub"},
+        )
+        try:
+            async with pool.acquire() as con:
+                async with con.transaction():
+                    await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                    await con.execute(read_schema())
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def ping(self) -> None:
+        async with self.pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+
+    # -- push ------------------------------------------------------------
+
+    async def commit(self, pushes: Sequence[Push]) -> list[PushResult | HubError]:
+        if not pushes:
+            return []
+        try:
+            return await self._commit(pushes)
+        except CONNECTION_ERRORS as exc:
+            log.warning("database unavailable during commit: %s", type(exc).__name__)
+            return [Unavailable("the database is unavailable; retry") for _ in pushes]
+        except asyncpg.PostgresError as exc:
+            if len(pushes) == 1:
+                return [_rejection(exc)]
+            log.warning(
+                "batch of %d pushes failed (%s); retrying one by one",
+                len(pushes),
+                type(exc).__name__,
+            )
+            results: list[PushResult | HubError] = []
+            for push in pushes:
+                results.extend(await self.commit([push]))
+            return results
+
+    async def _commit(self, pushes: Sequence[Push]) -> list[PushResult | HubError]:
+        users = sorted({p.user for p in pushes})
+        keyed = [(p.user, p.scope, p.key) for p in pushes if p.key is not None]
+        touched = sorted({(p.user, c.collection, c.record_id) for p in pushes for c in p.changes})
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute(INSERT_USERS, users)
+            versions = {r[0]: r[1] for r in await con.fetch(LOCK_USERS, users)}
+            receipts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
+            if keyed:
+                rows = await con.fetch(READ_RECEIPTS, *map(list, zip(*keyed, strict=True)))
+                receipts = {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
+            state: dict[tuple[str, str, str], RecordState] = {}
+            if touched:
+                rows = await con.fetch(READ_STATE, *map(list, zip(*touched, strict=True)))
+                for u, c, i, deleted_hlc, name, stamp in rows:
+                    record = state.get((u, c, i))
+                    if record is None:
+                        record = state[(u, c, i)] = RecordState(deleted_hlc=deleted_hlc)
+                    if name is not None:
+                        record.fields[name] = _Stored(stamp)
+            plan = _Plan()
+            results = [_merge(p, versions, receipts, state, plan) for p in pushes]
+            await con.execute(WRITE, *plan.arguments())
+        return results
+
+    # -- pull ------------------------------------------------------------
+
+    async def version(self, user: str) -> int:
+        async with self.pool.acquire() as con:
+            found = await con.fetchval("SELECT version FROM hub_users WHERE user_id = $1", user)
+        return int(found or 0)
+
+    async def pull(self, user: str, query: PullQuery) -> PullPage:
+        cursor = query.cursor
+        if cursor.collection is None:
+            # Past the whole of ``version``: every key of the next one sorts after this.
+            after = (cursor.version + 1, "", "")
+        else:
+            after = (cursor.version, cursor.collection, cursor.record_id or "")
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(PULL, user, *after, query.limit + 1, query.collection)
+            if rows:
+                user_version, horizon = rows[0]["user_version"], rows[0]["horizon"]
+            else:
+                found = await con.fetchrow(USER_STATE, user)
+                user_version, horizon = (found[0], found[1]) if found else (0, 0)
+        _check_cursor(cursor, user_version, horizon)
+        deltas = _deltas(rows)
+        has_more = len(deltas) > query.limit
+        if has_more:
+            deltas = deltas[: query.limit]
+            last = deltas[-1]
+            next_cursor = Cursor(last.version, last.collection, last.record_id)
+        else:
+            next_cursor = Cursor(max(user_version, cursor.version))
+        return PullPage(tuple(deltas), next_cursor, has_more, user_version)
+
+    async def status(self, user: str) -> dict[str, Any]:
+        async with self.pool.acquire() as con:
+            version = await con.fetchval("SELECT version FROM hub_users WHERE user_id = $1", user)
+            collections = await con.fetch(STATUS_COLLECTIONS, user)
+            devices = await con.fetch(STATUS_DEVICES, user)
+        return {
+            "version": int(version or 0),
+            "collections": {
+                r["collection"]: {"records": r["live"], "deleted": r["deleted"]}
+                for r in collections
+            },
+            "devices": [r["device"] for r in devices],
+        }
+
+
+class _Stored:
+    """A stored field as the merge sees it: only the stamp is read, not the value."""
+
+    __slots__ = ("hlc", "value")
+
+    def __init__(self, hlc: str) -> None:
+        self.hlc = hlc
+        self.value = None
+
+
+def _merge(
+    push: Push,
+    versions: dict[str, int],
+    receipts: dict[tuple[str, str, str], tuple[bytes, str]],
+    state: dict[tuple[str, str, str], RecordState],
+    plan: _Plan,
+) -> PushResult | HubError:
+    """Merge one push into the batch's state and plan; its answer."""
+    user = push.user
+    current = versions[user]
+    if push.key is not None:
+        receipt_key = (user, push.scope, push.key)
+        prior = receipts.get(receipt_key)
+        if prior is not None:
+            digest, response = prior
+            if bytes(digest) != push.digest:
+                return IdempotencyKeyReused(push.key)
+            body = orjson.loads(response)
+            return PushResult(
+                body["version"], body["applied"], body["ignored"], prev=current, replay=True
+            )
+    version = current + 1
+    applied = 0
+    written: dict[tuple[str, str], list[str]] = {}
+    deletes: set[tuple[str, str]] = set()
+    for change in push.changes:
+        key = (user, change.collection, change.record_id)
+        record = state.get(key)
+        if record is None:
+            record = state[key] = RecordState()
+            plan.records[key] = (None, version, push.device, change.origin, change.actor)
+        if change.op == "delete":
+            assert change.hlc is not None
+            if apply_delete(record, change.hlc):
+                applied += 1
+                deletes.add(key[1:])
+                plan.records[key] = (change.hlc, version, push.device, change.origin, change.actor)
+            continue
+        names = apply_upsert(record, ((f.name, f.value, f.hlc) for f in change.fields))
+        if names:
+            applied += 1
+            by_name = {f.name: f for f in change.fields}
+            written.setdefault(key[1:], []).extend(names)
+            for name in names:
+                f = by_name[name]
+                plan.fields[(*key, name)] = (
+                    f.value,
+                    f.hlc,
+                    version,
+                    push.device,
+                    change.origin,
+                    change.actor,
+                )
+    ignored = len(push.changes) - applied
+    plan.devices.add((user, push.device))
+    if applied:
+        versions[user] = version
+        plan.versions[user] = version
+        result = PushResult(
+            version,
+            applied,
+            ignored,
+            prev=current,
+            deltas=_push_deltas(push, version, state, written, deletes),
+        )
+    else:
+        result = PushResult(current, 0, ignored, prev=current)
+    if push.key is not None:
+        response = orjson.dumps(result.body()).decode()
+        receipts[(user, push.scope, push.key)] = (push.digest, response)
+        plan.receipts[(user, push.scope, push.key)] = (push.digest, response)
+    return result
+
+
+def _push_deltas(
+    push: Push,
+    version: int,
+    state: dict[tuple[str, str, str], RecordState],
+    written: dict[tuple[str, str], list[str]],
+    deletes: set[tuple[str, str]],
+) -> tuple[Delta, ...]:
+    """The record deltas of one push, for its change event, in record order."""
+    by_record: dict[tuple[str, str], Any] = {}
+    for change in push.changes:
+        by_record[(change.collection, change.record_id)] = change
+    deltas = []
+    for ckey in sorted(written.keys() | deletes):
+        record = state[(push.user, *ckey)]
+        change = by_record[ckey]
+        fields = {n: (record.fields[n].value, record.fields[n].hlc) for n in written.get(ckey, ())}
+        # A later delete of the same push may have hidden fields written before it.
+        if record.deleted_hlc is not None:
+            fields = {n: v for n, v in fields.items() if v[1] > record.deleted_hlc}
+        deltas.append(
+            Delta(
+                ckey[0],
+                ckey[1],
+                version,
+                push.device,
+                fields,
+                record.deleted,
+                record.deleted_hlc,
+                change.origin,
+                change.actor,
+            )
+        )
+    return tuple(deltas)
+
+
+def _rejection(exc: asyncpg.PostgresError) -> HubError:
+    """The answer to a push that failed on its own."""
+    if isinstance(exc, asyncpg.DataError):
+        return InvalidChange(f"the database refused a value: {exc.__class__.__name__}")
+    log.error("push failed in the database: %s: %s", type(exc).__name__, exc)
+    return Internal("the push could not be stored")
+
+
+def _check_cursor(cursor: Cursor, version: int, horizon: int) -> None:
+    if cursor.version and cursor.version < horizon:
+        raise ResetRequired(horizon)
+    if cursor.version > version:
+        # A cursor from the future: the database was restored from an older backup.
+        raise ResetRequired(version)
+
+
+def _deltas(rows: Sequence[asyncpg.Record]) -> list[Delta]:
+    deltas: list[Delta] = []
+    key: tuple[int, str, str] | None = None
+    for row in rows:
+        this = (row["version"], row["collection"], row["record_id"])
+        if this != key:
+            key = this
+            deltas.append(
+                Delta(
+                    row["collection"],
+                    row["record_id"],
+                    row["version"],
+                    row["device"] if row["field"] is not None else row["record_device"],
+                    {},
+                    row["deleted"],
+                    row["deleted_hlc"],
+                    row["origin"] if row["field"] is not None else row["record_origin"],
+                    row["actor"] if row["field"] is not None else row["record_actor"],
+                )
+            )
+        if row["field"] is not None:
+            deltas[-1].fields[row["field"]] = (row["value"], row["hlc"])
+    return deltas
