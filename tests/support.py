@@ -40,16 +40,17 @@ class Databases:
         self.created: list[str] = []
 
     def create(self) -> str:
+        """A new empty database (from synchronous code)."""
+        return run(self.acreate())  # type: ignore[no-any-return]
+
+    async def acreate(self) -> str:
+        """A new empty database (from a running event loop)."""
         name = "hub_test_" + secrets.token_hex(6)
-
-        async def go() -> None:
-            con = await asyncpg.connect(self.server_url)
-            try:
-                await con.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await con.close()
-
-        run(go())
+        con = await asyncpg.connect(self.server_url)
+        try:
+            await con.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await con.close()
         self.created.append(name)
         return with_database(self.server_url, name)
 

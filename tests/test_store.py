@@ -1,0 +1,402 @@
+"""The PostgreSQL store against a real server: merge, versions, pages, batches."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import Databases, new_user, run
+
+from hub.errors import HubError, IdempotencyKeyReused, ResetRequired
+from hub.merge import Replica, apply_change
+from hub.protocol import Limits, PullQuery
+from hub.store_postgres import PostgresStore
+from hub.types import Change, Cursor, FieldWrite, Push, PushResult
+
+LIMITS = Limits()
+
+
+def stamp(wall: int, counter: int = 0, node: str = "d1") -> str:
+    return f"{1_700_000_000_000 + wall:013d}-{counter:04d}-{node}"
+
+
+def upsert(record: str, collection: str = "todos", **fields: tuple[Any, str]) -> Change:
+    writes = tuple(
+        FieldWrite(name, orjson.dumps(value).decode(), hlc) for name, (value, hlc) in fields.items()
+    )
+    return Change(collection, record, "upsert", writes)
+
+
+def delete(record: str, hlc: str, collection: str = "todos") -> Change:
+    return Change(collection, record, "delete", (), hlc)
+
+
+def push(user: str, *changes: Change, device: str = "d1", key: str | None = None) -> Push:
+    digest = orjson.dumps([repr(c) for c in changes])
+    return Push(user, device, tuple(changes), key, "http", digest)
+
+
+async def pull_all(store: PostgresStore, user: str, limit: int = 500, since: Cursor | None = None):
+    deltas = []
+    cursor = since or Cursor(0)
+    for _ in range(10_000):
+        page = await store.pull(user, PullQuery(cursor, limit, None))
+        deltas.extend(page.changes)
+        cursor = page.cursor
+        if not page.has_more:
+            return deltas, cursor, page.version
+    raise AssertionError("pull did not end")
+
+
+def replica_of(deltas) -> dict:
+    replica = Replica()
+    for delta in deltas:
+        replica.apply_delta(delta)
+    return normalized(replica)
+
+
+def normalized(replica: Replica) -> dict:
+    """Replica state with JSON values decoded (jsonb re-spaces text) and dead records kept."""
+    return {
+        key: ({n: (orjson.loads(v), h) for n, (v, h) in fields.items()}, deleted_hlc)
+        for key, (fields, deleted_hlc) in replica.state().items()
+    }
+
+
+async def commit_one(store: PostgresStore, p: Push) -> PushResult:
+    [result] = await store.commit([p])
+    if isinstance(result, HubError):
+        raise result
+    return result
+
+
+# -- versions and merge -------------------------------------------------------------
+
+
+async def test_versions_only_for_pushes_that_change_something(store, user):
+    first = await commit_one(store, push(user, upsert("t1", title=("a", stamp(1)))))
+    assert (first.version, first.applied, first.ignored, first.prev) == (1, 1, 0, 0)
+    same = await commit_one(store, push(user, upsert("t1", title=("a", stamp(1)))))
+    assert (same.version, same.applied, same.ignored) == (1, 0, 1)
+    older = await commit_one(store, push(user, upsert("t1", title=("old", stamp(0)))))
+    assert (older.version, older.applied) == (1, 0)
+    newer = await commit_one(
+        store, push(user, upsert("t1", title=("b", stamp(2))), upsert("t2", x=(1, stamp(0))))
+    )
+    assert (newer.version, newer.applied, newer.prev) == (2, 2, 1)
+    assert await store.version(user) == 2
+
+
+async def test_delete_and_revive_in_pull(store, user):
+    await commit_one(store, push(user, upsert("t1", title=("a", stamp(1)), done=(False, stamp(1)))))
+    await commit_one(store, push(user, delete("t1", stamp(5))))
+    deltas, _, version = await pull_all(store, user)
+    assert version == 2
+    assert [(d.version, d.fields, d.deleted) for d in deltas] == [(2, {}, True)]
+    assert deltas[0].deleted_hlc == stamp(5)
+    # A write stamped before the delete stays dropped; a later one revives the record.
+    stale = await commit_one(store, push(user, upsert("t1", title=("x", stamp(4)))))
+    assert stale.applied == 0
+    await commit_one(store, push(user, upsert("t1", title=("back", stamp(6)))))
+    deltas, _, _ = await pull_all(store, user)
+    assert [(d.version, sorted(d.fields), d.deleted) for d in deltas] == [
+        (2, [], False),
+        (3, ["title"], False),
+    ]
+    assert all(d.deleted_hlc == stamp(5) for d in deltas)
+    status = await store.status(user)
+    assert status["collections"] == {"todos": {"records": 1, "deleted": 0}}
+
+
+async def test_two_changes_to_one_record_in_one_push_merge_in_order(store, user):
+    result = await commit_one(
+        store,
+        push(
+            user,
+            upsert("t1", title=("a", stamp(1))),
+            delete("t1", stamp(2)),
+            upsert("t1", done=(True, stamp(3))),
+        ),
+    )
+    assert (result.applied, result.ignored) == (3, 0)
+    [delta] = result.deltas
+    assert delta.fields == {"done": ("true", stamp(3))}
+    assert (delta.deleted, delta.deleted_hlc) == (False, stamp(2))
+    deltas, _, _ = await pull_all(store, user)
+    assert replica_of(deltas) == {("todos", "t1"): ({"done": (True, stamp(3))}, stamp(2))}
+
+
+async def test_idempotent_replay_and_reused_key(store, user):
+    p = push(user, upsert("t1", title=("a", stamp(1))), key="k1")
+    first = await commit_one(store, p)
+    again = await commit_one(store, p)
+    assert again.replay and again.body() == first.body()
+    assert await store.version(user) == 1
+    other = push(user, upsert("t1", title=("b", stamp(2))), key="k1")
+    [result] = await store.commit([other])
+    assert isinstance(result, IdempotencyKeyReused)
+    deltas, _, _ = await pull_all(store, user)
+    assert replica_of(deltas)[("todos", "t1")][0] == {"title": ("a", stamp(1))}
+
+
+async def test_same_key_twice_in_one_batch_is_a_replay(store, user):
+    p = push(user, upsert("t1", title=("a", stamp(1))), key="k")
+    first, second = await store.commit([p, p])
+    assert isinstance(first, PushResult) and isinstance(second, PushResult)
+    assert (first.replay, second.replay) == (False, True)
+    assert second.body() == first.body()
+    assert await store.version(user) == 1
+
+
+async def test_users_never_see_each_other(store):
+    alice, bob = new_user(), new_user()
+    results = await store.commit(
+        [
+            push(alice, upsert("a1", secret=("alice", stamp(1)))),
+            push(bob, upsert("b1", x=(1, stamp(1)))),
+        ]
+    )
+    assert [r.version for r in results] == [1, 1]
+    deltas, _, _ = await pull_all(store, bob)
+    assert [(d.collection, d.record_id) for d in deltas] == [("todos", "b1")]
+    assert (await store.status(bob))["collections"] == {"todos": {"records": 1, "deleted": 0}}
+
+
+async def test_cursor_past_the_users_version_needs_a_reset(store, user):
+    await commit_one(store, push(user, upsert("t1", title=("a", stamp(1)))))
+    with pytest.raises(ResetRequired):
+        await store.pull(user, PullQuery(Cursor(5), 10, None))
+
+
+# -- pages ------------------------------------------------------------------------
+
+
+async def test_one_push_of_1000_changes_read_with_limit_7(store, user):
+    changes = [upsert(f"r{i:04d}", n=(i, stamp(1))) for i in range(1000)]
+    result = await commit_one(store, push(user, *changes))
+    assert result.applied == 1000
+    deltas, cursor, _ = await pull_all(store, user, limit=7)
+    keys = [(d.collection, d.record_id, d.version) for d in deltas]
+    assert len(keys) == 1000 and len(set(keys)) == 1000
+    assert cursor == Cursor(1)
+    # Nothing more after the final cursor.
+    page = await store.pull(user, PullQuery(cursor, 7, None))
+    assert page.changes == () and not page.has_more
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+async def test_fields_changed_by_several_pushes_survive_small_pages(store, user, limit):
+    await commit_one(store, push(user, upsert("t1", a=(1, stamp(1)), b=(1, stamp(1)))))
+    await commit_one(store, push(user, upsert("t1", b=(2, stamp(2)), c=(2, stamp(2)))))
+    await commit_one(store, push(user, upsert("t2", z=(3, stamp(3)))))
+    await commit_one(store, push(user, upsert("t1", d=(4, stamp(4)))))
+    deltas, _, _ = await pull_all(store, user, limit=limit)
+    assert replica_of(deltas) == {
+        ("todos", "t1"): (
+            {"a": (1, stamp(1)), "b": (2, stamp(2)), "c": (2, stamp(2)), "d": (4, stamp(4))},
+            None,
+        ),
+        ("todos", "t2"): ({"z": (3, stamp(3))}, None),
+    }
+    assert [d.version for d in deltas] == sorted(d.version for d in deltas)
+
+
+async def test_incremental_pull_gets_only_what_is_new(store, user):
+    await commit_one(store, push(user, upsert("t1", a=(1, stamp(1)))))
+    _, cursor, _ = await pull_all(store, user)
+    await commit_one(store, push(user, upsert("t2", a=(2, stamp(2)))))
+    deltas, _, _ = await pull_all(store, user, since=cursor)
+    assert [(d.record_id, d.version) for d in deltas] == [("t2", 2)]
+
+
+# -- batches ------------------------------------------------------------------------
+
+
+async def test_one_push_failing_in_the_database_does_not_sink_the_batch(databases: Databases):
+    url = await databases.acreate()
+    store = await PostgresStore.connect(url, max_size=2)
+    good1, bad, good2 = new_user(), new_user(), new_user()
+    try:
+        async with store.pool.acquire() as con:
+            await con.execute(
+                """
+                CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN RAISE EXCEPTION 'refused for this test'; END $$;
+                """
+            )
+            await con.execute(
+                f"""CREATE TRIGGER refuse BEFORE INSERT ON hub_fields FOR EACH ROW
+                    WHEN (NEW.user_id = '{bad}') EXECUTE FUNCTION refuse()"""
+            )
+        results = await store.commit(
+            [
+                push(good1, upsert("t1", a=(1, stamp(1)))),
+                push(bad, upsert("t1", a=(1, stamp(1)))),
+                push(good2, upsert("t1", a=(1, stamp(1)))),
+            ]
+        )
+        assert isinstance(results[0], PushResult) and results[0].version == 1
+        assert isinstance(results[1], HubError) and results[1].code == "internal"
+        assert isinstance(results[2], PushResult) and results[2].version == 1
+        assert await store.version(bad) == 0
+        for u in (good1, good2):
+            deltas, _, _ = await pull_all(store, u)
+            assert [d.record_id for d in deltas] == ["t1"]
+        deltas, _, _ = await pull_all(store, bad)
+        assert deltas == []
+    finally:
+        await store.close()
+
+
+async def test_held_push_is_not_skipped_by_a_reader(databases: Databases):
+    """A push whose transaction is held open while a later push of the same
+    user tries to commit: the reader, pulling incrementally all the while,
+    gets both. With a timestamp or plain sequence cursor the later push would
+    commit first and the reader would step past the held one."""
+    url = await databases.acreate()
+    store = await PostgresStore.connect(url, max_size=4)
+    user = new_user()
+    gate = await asyncpg.connect(url)
+    try:
+        await gate.execute(
+            """
+            CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+            """
+        )
+        await gate.execute(
+            f"""CREATE TRIGGER hold BEFORE INSERT ON hub_fields FOR EACH ROW
+                WHEN (NEW.record_id = 'held' AND NEW.user_id = '{user}') EXECUTE FUNCTION hold()"""
+        )
+        await commit_one(store, push(user, upsert("first", a=(0, stamp(0)))))
+        _, cursor, _ = await pull_all(store, user)
+        await gate.execute("SELECT pg_advisory_lock(4242)")
+        held = asyncio.create_task(commit_one(store, push(user, upsert("held", a=(1, stamp(1))))))
+        await wait_for_lock_waiters(gate, 1)
+        later = asyncio.create_task(commit_one(store, push(user, upsert("later", a=(2, stamp(2))))))
+        await wait_for_lock_waiters(gate, 2)
+        seen = []
+        deltas, cursor, _ = await pull_all(store, user, since=cursor)
+        seen.extend(deltas)
+        assert deltas == []  # nothing of either push is visible while the first is held
+        await gate.execute("SELECT pg_advisory_unlock(4242)")
+        held_result, later_result = await asyncio.wait_for(asyncio.gather(held, later), 10)
+        assert (held_result.version, later_result.version) == (2, 3)
+        deltas, cursor, _ = await pull_all(store, user, since=cursor)
+        seen.extend(deltas)
+        assert [(d.record_id, d.version) for d in seen] == [("held", 2), ("later", 3)]
+    finally:
+        await gate.close()
+        await store.close()
+
+
+async def wait_for_lock_waiters(con: asyncpg.Connection, count: int) -> None:
+    """Wait until ``count`` hub backends are blocked on a lock."""
+    for _ in range(500):
+        waiting = await con.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE application_name = 'hub' AND wait_event_type = 'Lock'"""
+        )
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} pushes did not block on a lock")
+
+
+# -- the store against the reference merge --------------------------------------------
+
+NODES = ("d1", "d2", "d3")
+RECORDS = (("todos", "a"), ("todos", "b"), ("notes", "a"))
+
+
+@st.composite
+def changes(draw: st.DrawFn) -> Change:
+    collection, record = draw(st.sampled_from(RECORDS))
+    # A small stamp space makes equal and crossing stamps common.
+    stamps = st.builds(stamp, st.integers(0, 4), st.integers(0, 1), st.sampled_from(NODES))
+    if draw(st.integers(0, 3)) == 0:
+        return delete(record, draw(stamps), collection)
+    names = draw(st.lists(st.sampled_from("xyz"), min_size=1, max_size=3, unique=True))
+    # A stamp names one write: equal stamps carry equal values, as with real devices.
+    fields = {}
+    for n in names:
+        hlc = draw(stamps)
+        fields[n] = (f"{n}@{hlc}", hlc)
+    return upsert(record, collection, **fields)
+
+
+pushes_strategy = st.lists(st.lists(changes(), min_size=1, max_size=4), min_size=1, max_size=8)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(pushes=pushes_strategy, data=st.data())
+def test_store_matches_the_reference_merge(database_url, pushes, data):
+    """Random pushes, committed in different orders and batchings for two users,
+    give the reference merge's state; pulls from 0 with small pages converge."""
+    orders = [data.draw(st.permutations(range(len(pushes)))) for _ in range(2)]
+    cuts = data.draw(st.lists(st.integers(1, 4), min_size=len(pushes), max_size=len(pushes)))
+    limit = data.draw(st.integers(1, 5))
+
+    async def scenario() -> None:
+        store = PostgresStore(await asyncpg.create_pool(database_url, min_size=1, max_size=2))
+        try:
+            users = [new_user(), new_user()]
+            expected_applied: dict[str, list[int]] = {}
+            sequence: list[Push] = []
+            for u, order in zip(users, orders, strict=True):
+                reference = Replica()
+                counts = []
+                for i in order:
+                    p = push(u, *pushes[i], device=f"dev{i % 3}")
+                    sequence.append(p)
+                    counts.append(sum(reference.apply_change(c) for c in p.changes))
+                expected_applied[u] = counts
+            # Interleave the two users' pushes and commit them in batches of varying size.
+            interleaved = [
+                p
+                for pair in zip(sequence[: len(pushes)], sequence[len(pushes) :], strict=True)
+                for p in pair
+            ]
+            results: list[PushResult | HubError] = []
+            at = 0
+            for cut in cuts:
+                if at >= len(interleaved):
+                    break
+                results.extend(await store.commit(interleaved[at : at + cut]))
+                at += cut
+            if at < len(interleaved):
+                results.extend(await store.commit(interleaved[at:]))
+            by_user: dict[str, list[PushResult]] = {u: [] for u in users}
+            for p, r in zip(interleaved, results, strict=True):
+                assert isinstance(r, PushResult), r
+                by_user[p.user].append(r)
+            truth = Replica()
+            for change_list in pushes:
+                for c in change_list:
+                    apply_change(truth.record(c.collection, c.record_id), c)
+            states = []
+            for u in users:
+                assert [r.applied for r in by_user[u]] == expected_applied[u]
+                versions = [r.version for r in by_user[u] if r.applied]
+                assert versions == list(range(1, len(versions) + 1))
+                deltas, _, _ = await pull_all(store, u, limit=limit)
+                states.append(live(replica_of(deltas)))
+            assert states[0] == states[1] == live(normalized(truth))
+        finally:
+            await store.close()
+
+    run(scenario())
+
+
+def live(state: dict) -> dict:
+    """Drop records that never held a field after their delete and have no delete stamp."""
+    return {k: v for k, v in state.items() if v[0] or v[1] is not None}
