@@ -1,8 +1,10 @@
 """The application: the one place that builds adapters and wires the parts.
 
-:func:`create_app` gives the Starlette app; its lifespan opens the store,
-starts the committer, and on shutdown lets in-flight pushes finish before
-closing the database pool.
+:func:`create_app` gives the Starlette app. Its lifespan opens the store,
+starts the broker (Redis when ``HUB_REDIS_URL`` is set, else in-process) and
+the committer; on shutdown, :meth:`Hub.drain` closes WebSockets in batches
+with 1012 and lets in-flight pushes commit, then the lifespan closes the
+committer, the broker and the database pool, in that order.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -18,12 +21,19 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from . import http
 from .auth import Authenticator
+from .broker import Broker
+from .broker_memory import MemoryBroker
+from .broker_redis import RedisBroker
 from .committer import Committer
 from .config import Settings
+from .coordinator import Coordinators
+from .protocol import WS_1012_RESTARTING
+from .server import drain_connections, retry_hint
+from .session import websocket_endpoint
 from .store_postgres import PostgresStore
 from .types import Push, PushResult
 
@@ -32,6 +42,7 @@ __all__ = ["Hub", "create_app"]
 log = logging.getLogger("hub.app")
 
 HEALTH_CACHE_S = 1.0
+HEALTH_PROBE_TIMEOUT_S = 1.0
 
 try:
     HUB_VERSION = package_version("hub")
@@ -40,19 +51,50 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 
 class Hub:
-    """The runtime of one hub process: store, committer, authenticator."""
+    """The runtime of one hub process."""
 
-    def __init__(self, settings: Settings, store: PostgresStore, authenticator: Authenticator):
+    def __init__(
+        self,
+        settings: Settings,
+        store: PostgresStore,
+        broker: Broker,
+        authenticator: Authenticator,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.broker = broker
         self.authenticator = authenticator
         self.committer = Committer(store, max_batch_pushes=settings.max_batch_pushes)
+        self.coordinators = Coordinators(
+            self.committer,
+            broker,
+            max_event_bytes=settings.max_event_bytes,
+            max_connections_per_user=settings.max_connections_per_user,
+        )
         self.started = time.monotonic()
+        self.metrics_slow_closes = 0
+        self.auth_failures: Counter[str] = Counter()
         self._health: tuple[float, dict[str, Any]] | None = None
         self._health_lock = asyncio.Lock()
 
     async def push(self, push: Push) -> PushResult:
-        return await self.committer.submit(push)
+        """A push from HTTP: through the user's coordinator, like a WebSocket push."""
+        return await asyncio.shield(self.coordinators.push(push))
+
+    def count_auth_failure(self, code: str) -> None:
+        self.auth_failures[code] += 1
+
+    async def drain(self) -> None:
+        """Graceful shutdown, the hub's part: close WebSockets in batches with
+        1012 and a jittered retry hint; let queued pushes commit (bounded)."""
+        connections = list(self.coordinators.connections())
+        log.info("draining", extra={"connections": len(connections)})
+        await drain_connections(
+            connections, lambda conn: conn.close_soon(WS_1012_RESTARTING, retry_hint())
+        )
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s / 2
+        while self.committer.pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def health(self) -> dict[str, Any]:
         """The /health report, computed at most about once a second."""
@@ -70,11 +112,18 @@ class Hub:
             postgres = {"ok": True, "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
         except Exception as exc:  # any failure of the probe is the finding
             postgres = {"ok": False, "error": type(exc).__name__}
+        broker = await self.broker.probe(HEALTH_PROBE_TIMEOUT_S)
+        if not postgres["ok"]:
+            status = "down"
+        elif not broker["ok"]:
+            status = "degraded"
+        else:
+            status = "ok"
         return {
-            "status": "ok" if postgres["ok"] else "down",
-            "checks": {"postgres": postgres, "broker": {"ok": True, "kind": "memory"}},
-            "connections": 0,
-            "users_online": 0,
+            "status": status,
+            "checks": {"postgres": postgres, "broker": broker},
+            "connections": self.coordinators.connection_count,
+            "users_online": len(self.coordinators.users),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "version": HUB_VERSION,
         }
@@ -94,10 +143,12 @@ def create_app(
         store = await PostgresStore.connect(
             database_url, max_size=settings.db_pool_size, timeout=settings.db_timeout_s
         )
+        broker: Broker = RedisBroker(settings.redis_url) if settings.redis_url else MemoryBroker()
+        await broker.start()
         authenticator = Authenticator(
             jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
-        hub = Hub(settings, store, authenticator)
+        hub = Hub(settings, store, broker, authenticator)
         hub.committer.start()
         app.state.hub = hub
         if on_ready is not None:
@@ -105,19 +156,21 @@ def create_app(
         try:
             yield
         finally:
-            # In-flight pushes finish before the pool closes.
-            await hub.committer.close()
+            await hub.committer.close()  # in-flight pushes commit before the pool closes
+            await broker.close()
             await store.close()
 
     routes = [
         Route("/v1/sync/push", http.push, methods=["POST"]),
         Route("/v1/sync/pull", http.pull, methods=["GET"]),
         Route("/v1/sync/status", http.status, methods=["GET"]),
+        WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/health", http.health, methods=["GET"]),
         Route("/health/live", http.live, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http.http_exception},
     )
+    return app

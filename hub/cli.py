@@ -7,16 +7,15 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import config, logs
 from .auth import make_token
-from .embedded import EmbeddedError, start_postgres
+from .embedded import EmbeddedError, start_postgres, start_valkey
+from .server import HubServer, bind, run_workers, uvicorn_config
 
 __all__ = ["main"]
-
-WS_MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 def say(text: str) -> None:
@@ -37,29 +36,20 @@ def development_secret(data_dir: str) -> str:
     return secret
 
 
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(4096)
-    sock.set_inheritable(True)
-    return sock
-
-
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
-
     try:
         settings = config.load(os.environ, args)
     except config.ConfigError as exc:
         print(f"hub: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_format, settings.log_level)
+    if args.listen_fd is not None:
+        # A worker started by `hub serve --workers N`: the parent resolved everything.
+        assert settings.database_url is not None and settings.jwt_secret is not None
+        sock = socket.socket(fileno=int(args.listen_fd))
+        return run_one(settings, settings.database_url, settings.jwt_secret, sock, None)
+    keep: list[object] = []  # handles that keep embedded servers running
     database_url = settings.database_url
-    keep = []
     if database_url is None:
         try:
             database_url, handle = start_postgres(settings.data_dir)
@@ -68,11 +58,18 @@ def serve(args: argparse.Namespace) -> int:
             return 2
         keep.append(handle)
         say(f"hub: embedded PostgreSQL, data in {Path(settings.data_dir, 'pgdata').resolve()}")
-    secret = settings.jwt_secret
-    if secret is None:
-        secret = development_secret(settings.data_dir)
+    redis_url = settings.redis_url
+    if settings.workers > 1 and redis_url is None:
+        try:
+            redis_url, handle = start_valkey()
+        except EmbeddedError as exc:
+            print(f"hub: {exc}", file=sys.stderr)
+            return 2
+        keep.append(handle)
+        say(f"hub: embedded Redis-compatible server for {settings.workers} workers: {redis_url}")
+    secret = settings.jwt_secret or development_secret(settings.data_dir)
     sock = bind(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
+    port = sock.getsockname()[1]
     base = f"http://{settings.host}:{port}"
     if settings.jwt_secret is None:
         say("!" * 72)
@@ -81,29 +78,44 @@ def serve(args: argparse.Namespace) -> int:
         say("!! Set HUB_JWT_SECRET (or HUB_JWKS_URL) before real users connect.")
         say("!" * 72)
         say(f"hub: demo token (user 'demo', 24 h): {make_token(secret, 'demo')}")
+    if settings.workers > 1:
+        env = dict(os.environ)
+        env.update(
+            {
+                "HUB_DATABASE_URL": database_url,
+                "HUB_JWT_SECRET": secret,
+                "HUB_REDIS_URL": redis_url or "",
+            }
+        )
+        say(f"hub: listening on {base} ({settings.workers} workers)")
+        return run_workers(settings.workers, sock, env, sys.argv[2:])
 
     def ready() -> None:
         say(f"hub: listening on {base}")
 
-    app = create_app(settings, database_url=database_url, jwt_secret=secret, on_ready=ready)
-    uv_config = uvicorn.Config(
-        app,
-        loop="auto",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_max_size=WS_MAX_MESSAGE_BYTES,
-        ws_per_message_deflate=False,
-        ws_ping_interval=None,
-        ws_ping_timeout=None,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    return run_one(settings, database_url, secret, sock, ready)
+
+
+def run_one(
+    settings: config.Settings,
+    database_url: str,
+    secret: str,
+    sock: socket.socket,
+    on_ready: Callable[[], None] | None,
+) -> int:
+    from .app import create_app
+
+    app = create_app(settings, database_url=database_url, jwt_secret=secret, on_ready=on_ready)
+
+    async def drain() -> None:
+        hub = getattr(app.state, "hub", None)
+        if hub is not None:
+            await hub.drain()
+
+    server = HubServer(
+        uvicorn_config(app, settings.heartbeat_s, settings.shutdown_timeout_s), drain
     )
-    server = uvicorn.Server(uv_config)
     server.run(sockets=[sock])
-    del keep
     return 0
 
 
@@ -126,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
         "with no HUB_DATABASE_URL an embedded PostgreSQL is started.",
     )
     config.add_arguments(serve_p)
+    serve_p.add_argument("--listen-fd", default=None, help=argparse.SUPPRESS)
     serve_p.set_defaults(run=serve)
     token_p = sub.add_parser(
         "token", help="print an HS256 token for a user (HUB_JWT_SECRET or the dev secret)"

@@ -42,17 +42,27 @@ class Committer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-committer")
 
-    async def submit(self, push: Push) -> PushResult:
-        """Queue a push and wait for its result; raises the push's ``HubError``."""
+    def enqueue(self, push: Push) -> asyncio.Future[PushResult]:
+        """Queue a push; the future gets its result or its ``HubError``.
+
+        Futures are resolved in queue order, so callbacks added to them run in
+        commit order: the coordinator publishes events from such callbacks.
+        """
         if self._closing:
             raise Unavailable("the hub is shutting down; retry", retry_after=1.0)
         future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
         self._queue.append((push, future))
         self._wakeup.set()
-        # The caller may go away (a client hung up); the push still commits,
-        # because it is already queued, and its result is simply not read.
-        return await asyncio.shield(future)
+        return future
+
+    async def submit(self, push: Push) -> PushResult:
+        """Queue a push and wait for its result (raises the push's ``HubError``).
+
+        A caller that goes away (a client hung up) does not withdraw the push:
+        it is queued, it commits, and its result is simply not read.
+        """
+        return await asyncio.shield(self.enqueue(push))
 
     def pending(self) -> int:
         return len(self._queue)

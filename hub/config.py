@@ -121,6 +121,9 @@ class Settings:
     max_batch_pushes: int = field(
         default=512, metadata={"cast": _positive_int, "help": "pushes in one commit"}
     )
+    auth_timeout_s: float = field(
+        default=10.0, metadata={"cast": _seconds, "help": "time to send the auth message"}
+    )
     heartbeat_s: float = field(
         default=30.0, metadata={"cast": _seconds, "help": "WebSocket ping interval"}
     )

@@ -44,7 +44,9 @@ def setup(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn's own loggers go through ours; its access log stays off.
+    # uvicorn's loggers go through ours; its access log and its line per
+    # WebSocket connection stay off (thousands of connections, no news).
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.error").setLevel(max(root.level, logging.WARNING))

@@ -287,3 +287,72 @@ def pull_body(page: PullPage) -> dict[str, Any]:
         "has_more": page.has_more,
         "version": page.version,
     }
+
+
+# WebSocket close codes of PROTOCOL.md.
+WS_1000_NORMAL = 1000
+WS_1009_MESSAGE_TOO_BIG = 1009
+WS_1011_INTERNAL_ERROR = 1011
+WS_1012_RESTARTING = 1012
+WS_1013_TOO_SLOW = 1013
+WS_4000_HEARTBEAT_TIMEOUT = 4000
+WS_4001_UNAUTHENTICATED = 4001
+WS_4003_FORBIDDEN = 4003
+WS_4008_RATE_LIMITED = 4008
+WS_4009_TOO_MANY_CONNECTIONS = 4009
+WS_4010_TOKEN_EXPIRED = 4010
+
+MODES = frozenset({"events", "notify"})
+MAX_MESSAGE_ID_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AuthMessage:
+    token: str
+    device: str | None
+    mode: str
+    device_name: str | None
+    platform: str | None
+
+
+def parse_auth(message: Any) -> AuthMessage:
+    """The ``auth`` message (first message of a browser, or a token refresh)."""
+    if not isinstance(message, dict) or message.get("type") != "auth":
+        raise BadRequest('the first message must be {"type": "auth", ...}')
+    token = message.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadRequest("'token' is required")
+    device = message.get("device")
+    if device is not None and not valid_device(device):
+        raise BadRequest("'device' must be 1..64 characters of [A-Za-z0-9_.:-]")
+    mode = message.get("mode", "events")
+    if mode not in MODES:
+        raise BadRequest("'mode' must be 'events' or 'notify'")
+    name = message.get("device_name")
+    platform = message.get("platform")
+    for key, value in (("device_name", name), ("platform", platform)):
+        if value is not None and (not isinstance(value, str) or len(value) > 128):
+            raise BadRequest(f"'{key}' must be a string of at most 128 characters")
+    return AuthMessage(token, device, mode, name, platform)
+
+
+def message_id(message: dict[str, Any], required: bool) -> str | None:
+    """The ``id`` of a client message: a string of 1..64 characters."""
+    mid = message.get("id")
+    if mid is None and not required:
+        return None
+    if not isinstance(mid, str) or not 1 <= len(mid) <= MAX_MESSAGE_ID_CHARS:
+        raise BadRequest("'id' must be a string of 1..64 characters")
+    return mid
+
+
+def push_digest(changes: Any) -> bytes:
+    """What tells a replayed WebSocket push from a reused id: its changes, canonically."""
+    return hashlib.sha256(orjson.dumps(changes, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def error_message(code: str, message: str, mid: str | None = None) -> str:
+    body: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if mid is not None:
+        body["id"] = mid
+    return orjson.dumps(body).decode()

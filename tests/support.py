@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 
 from hub.auth import make_token
 
@@ -188,3 +189,81 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class Device:
+    """A WebSocket client speaking PROTOCOL.md, for tests."""
+
+    def __init__(self, ws: Any, welcome: dict[str, Any]) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self._ids = 0
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(message).decode())
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        return orjson.loads(data)  # type: ignore[no-any-return]
+
+    async def expect(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message, which must be of type ``kind``."""
+        message = await self.recv(timeout)
+        assert message["type"] == kind, message
+        return message
+
+    async def push(self, changes: list[dict[str, Any]], mid: str | None = None) -> dict[str, Any]:
+        """Push and return the ack (or error) for it."""
+        self._ids += 1
+        mid = mid or f"m-{self._ids}-{secrets.token_hex(3)}"
+        await self.send({"type": "push", "id": mid, "changes": changes})
+        while True:
+            message = await self.recv()
+            if message.get("id") == mid:
+                return message
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code  # type: ignore[no-any-return]
+
+
+async def connect(
+    hub: HubProcess,
+    user: str,
+    device: str,
+    *,
+    token: str | None = None,
+    query: str = "",
+    **kwargs: Any,
+) -> Device:
+    """Open a WebSocket with header auth and read the welcome."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    ws = await ws_connect(
+        f"{hub.ws_url}?device={device}{query}",
+        additional_headers={"Authorization": f"Bearer {token or token_for(user)}"},
+        open_timeout=10,
+        max_size=None,
+        **kwargs,
+    )
+    welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert welcome["type"] == "welcome", welcome
+    return Device(ws, welcome)
+
+
+def change(record: str, hlc: str, collection: str = "todos", **fields: Any) -> dict[str, Any]:
+    """An upsert change with every field stamped ``hlc``."""
+    return {
+        "collection": collection,
+        "id": record,
+        "op": "upsert",
+        "fields": {name: {"value": value, "hlc": hlc} for name, value in fields.items()},
+    }
+
+
+def stamp(offset_ms: int = 0, counter: int = 0, node: str = "dev") -> str:
+    """A stamp near now (the hub refuses stamps far ahead of its clock)."""
+    return f"{int(time.time() * 1000) + offset_ms:013d}-{counter:04d}-{node}"

@@ -1,0 +1,229 @@
+"""Per-user coordinators: local connections, ordered events, broker fan-out.
+
+A :class:`Coordinator` exists for each user with a connection on this
+process. It owns those connections, subscribes to the user's broker channel
+while it has any, and goes away with the last one.
+
+Every push of a user, from WebSocket and HTTP alike, goes through
+:meth:`Coordinators.push`: it is queued at once in the committer, whose FIFO
+queue is the users' mailbox (a user's pushes commit in the order they were
+queued), and a callback on the push's future publishes its event. Futures
+resolve in commit order and their callbacks run in that order, so one user's
+events leave this process in version order, with no task per user and no
+extra hop. The callback runs even when the pusher went away.
+
+An event is encoded once: the same text goes to every local receiver, and
+the same bytes to the broker. Local connections get it at once (never the
+connection that pushed: it gets the ack); other processes get it from the
+broker, and each drops its own echo (Phoenix PubSub's rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+from .broker import Broker
+from .committer import Committer
+from .protocol import delta_body
+from .types import Push, PushResult
+
+__all__ = ["Coordinator", "Coordinators", "Receiver"]
+
+log = logging.getLogger("hub.coordinator")
+
+
+class Receiver(Protocol):
+    """What a coordinator needs of a connection."""
+
+    id: str
+    user: str
+    device: str
+    notify_only: bool
+
+    def deliver(self, text: str) -> None:
+        """Queue an outgoing message without waiting (may close a slow connection)."""
+        ...
+
+    def close_soon(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change event as it travels: a small header and the encoded message."""
+
+    process: str
+    connection: str | None
+    version: int
+    collections: tuple[str, ...]
+    change: str | None  # the `change` message, None when over max_event_bytes
+
+    def sync_available(self) -> str:
+        return orjson.dumps(
+            {"type": "sync_available", "version": self.version, "collections": self.collections}
+        ).decode()
+
+    def to_wire(self) -> bytes:
+        header = orjson.dumps(
+            {"p": self.process, "c": self.connection, "v": self.version, "cols": self.collections}
+        )
+        return header + b"\n" + (self.change.encode() if self.change is not None else b"")
+
+    @classmethod
+    def from_wire(cls, payload: bytes) -> Event:
+        header, _, change = payload.partition(b"\n")
+        h = orjson.loads(header)
+        return cls(h["p"], h["c"], h["v"], tuple(h["cols"]), change.decode() if change else None)
+
+
+class Coordinator:
+    """One user's connections on this process."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.connections: dict[str, Receiver] = {}
+
+    def deliver(self, event: Event) -> int:
+        """Send an event to every local connection but its origin; how many got it."""
+        notify: str | None = None
+        sent = 0
+        for conn in list(self.connections.values()):
+            if conn.id == event.connection:
+                continue
+            if event.change is None or conn.notify_only:
+                if notify is None:
+                    notify = event.sync_available()
+                conn.deliver(notify)
+            else:
+                conn.deliver(event.change)
+            sent += 1
+        return sent
+
+
+class Coordinators:
+    """The coordinators of this process, created on demand, gone when idle."""
+
+    def __init__(
+        self,
+        committer: Committer,
+        broker: Broker,
+        *,
+        max_event_bytes: int = 64 * 1024,
+        max_connections_per_user: int = 10,
+        process_id: str | None = None,
+    ) -> None:
+        self.committer = committer
+        self.broker = broker
+        self.max_event_bytes = max_event_bytes
+        self.max_connections_per_user = max_connections_per_user
+        self.process_id = process_id or secrets.token_hex(6)
+        self.users: dict[str, Coordinator] = {}
+        self.events_published = 0
+        self.deliveries = 0
+        self.on_delivery: Callable[[int], None] | None = None
+
+    # -- connections -----------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return sum(len(c.connections) for c in self.users.values())
+
+    def connections(self) -> Iterable[Receiver]:
+        for coordinator in list(self.users.values()):
+            yield from list(coordinator.connections.values())
+
+    def attach(self, conn: Receiver) -> asyncio.Future[None] | None:
+        """Register a connection; None when the user is at the connection limit.
+
+        The future resolves once the user's broker subscription is live, so
+        that an event published after it reaches this connection.
+        """
+        coordinator = self.users.get(conn.user)
+        if coordinator is None:
+            coordinator = self.users[conn.user] = Coordinator(conn.user)
+        if len(coordinator.connections) >= self.max_connections_per_user:
+            return None
+        first = not coordinator.connections
+        coordinator.connections[conn.id] = conn
+        if first:
+            user = conn.user
+            return self.broker.subscribe(user, lambda payload: self._received(user, payload))
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ready.set_result(None)
+        return ready
+
+    def detach(self, conn: Receiver) -> None:
+        coordinator = self.users.get(conn.user)
+        if coordinator is None or coordinator.connections.pop(conn.id, None) is None:
+            return
+        if not coordinator.connections:
+            del self.users[conn.user]
+            self.broker.unsubscribe(conn.user)
+
+    def of_user(self, user: str) -> list[Receiver]:
+        coordinator = self.users.get(user)
+        return list(coordinator.connections.values()) if coordinator else []
+
+    # -- pushes and events -------------------------------------------------------
+
+    def push(self, push: Push, origin: str | None = None) -> asyncio.Future[PushResult]:
+        """Queue a push; its event is published in commit order once it commits."""
+        future = self.committer.enqueue(push)
+        future.add_done_callback(lambda f: self._committed(push, origin, f))
+        return future
+
+    def _committed(
+        self, push: Push, origin: str | None, future: asyncio.Future[PushResult]
+    ) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if not result.applied or result.replay:
+            return
+        try:
+            event = self._event(push, origin, result)
+        except Exception:  # an event is best effort; the push is committed and acked
+            log.exception("could not build the event of a push")
+            return
+        coordinator = self.users.get(push.user)
+        if coordinator is not None:
+            self._count(coordinator.deliver(event))
+        self.broker.publish(push.user, event.to_wire())
+        self.events_published += 1
+
+    def _event(self, push: Push, origin: str | None, result: PushResult) -> Event:
+        collections = tuple(sorted({d.collection for d in result.deltas}))
+        data = orjson.dumps(
+            {
+                "type": "change",
+                "version": result.version,
+                "prev": result.prev,
+                "device": push.device,
+                "changes": [delta_body(d) for d in result.deltas],
+            }
+        )
+        change = data.decode() if len(data) <= self.max_event_bytes else None
+        return Event(self.process_id, origin, result.version, collections, change)
+
+    def _received(self, user: str, payload: bytes) -> None:
+        try:
+            event = Event.from_wire(payload)
+        except (ValueError, KeyError, orjson.JSONDecodeError):
+            log.warning("dropped a malformed event")
+            return
+        if event.process == self.process_id:
+            return  # delivered locally when it was committed
+        coordinator = self.users.get(user)
+        if coordinator is not None:
+            self._count(coordinator.deliver(event))
+
+    def _count(self, sent: int) -> None:
+        self.deliveries += sent
+        if self.on_delivery is not None:
+            self.on_delivery(sent)

@@ -1,0 +1,132 @@
+"""Serving the app with uvicorn: sockets, heartbeats, staged shutdown, workers.
+
+``hub serve`` binds the listening socket itself (so ``--port 0`` works and N
+worker processes can share one socket), then runs uvicorn on it with the
+fast stack: uvloop, httptools, and the sans-I/O ``websockets`` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from .protocol import WS_4000_HEARTBEAT_TIMEOUT
+
+__all__ = ["HubServer", "bind", "run_workers", "uvicorn_config"]
+
+log = logging.getLogger("hub.server")
+
+WS_MAX_MESSAGE_BYTES = 1024 * 1024
+DRAIN_BATCH = 200  # connections closed per step of a graceful shutdown
+DRAIN_STEP_S = 0.05
+
+
+class HeartbeatProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, closing a silent peer with 4000, not 1011."""
+
+    def keepalive_timeout(self) -> None:
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.conn.fail(WS_4000_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(app: Any, heartbeat_s: float, shutdown_timeout_s: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        loop="auto",
+        http="httptools",
+        ws=HeartbeatProtocol,
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        ws_per_message_deflate=False,  # off: unbounded inflation is a memory bomb
+        ws_ping_interval=heartbeat_s,
+        ws_ping_timeout=heartbeat_s,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)),
+    )
+
+
+class HubServer(uvicorn.Server):
+    """uvicorn's server with the hub's staged graceful shutdown in front of its own."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Any]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # 1. Stop accepting: new connections go to other processes.
+        for server in self.servers:
+            server.close()
+        # 2-3. Close WebSockets in batches with 1012 and a jittered retry hint,
+        # and let in-flight pushes commit (bounded inside drain).
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("graceful drain failed")
+        # 4. uvicorn's own stages: close what is left, wait with a bound,
+        # cancel the rest, then the app's lifespan shutdown.
+        await super().shutdown(sockets)
+
+
+def retry_hint() -> str:
+    """The close reason of 1012: when to reconnect (random 0.5-5 s, PROTOCOL.md)."""
+    return f"restarting; reconnect in {random.uniform(0.5, 5.0):.1f}s"
+
+
+async def drain_connections(connections: list[Any], close: Callable[[Any], None]) -> None:
+    for start in range(0, len(connections), DRAIN_BATCH):
+        for conn in connections[start : start + DRAIN_BATCH]:
+            close(conn)
+        await asyncio.sleep(DRAIN_STEP_S)
+
+
+def run_workers(workers: int, sock: socket.socket, env: dict[str, str], argv: list[str]) -> int:
+    """Run ``workers`` hub processes on one listening socket; forward SIGTERM/SIGINT."""
+    children = []
+    for _ in range(workers):
+        child_env = {**env, "HUB_WORKERS": "1"}
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hub", "serve", *argv, "--listen-fd", str(sock.fileno())],
+                env=child_env,
+                pass_fds=(sock.fileno(),),
+            )
+        )
+
+    def forward(sig: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    sock.close()
+    return max((abs(c) for c in codes), default=0) if any(c not in (0, -15) for c in codes) else 0

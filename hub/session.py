@@ -1,0 +1,338 @@
+"""One WebSocket connection (``GET /v1/ws``): authenticate, read, write.
+
+A session checks the ``Origin`` (before the upgrade), authenticates by
+header or by a first ``auth`` message, registers with its user's coordinator,
+and then reads client messages until the connection ends. A bad message gets
+an ``error`` reply and the connection stays open; only the close codes of
+PROTOCOL.md end it.
+
+Isolation: everything the session sends goes through its own bounded queue,
+drained by its own writer task. Nobody ever waits on a session: when its
+queue overflows (the client reads too slowly), it is closed with 1013 and
+its queue dropped, while everyone else goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from . import protocol
+from .auth import bearer_token
+from .errors import BadRequest, Forbidden, HubError, RateLimited, Unauthorized
+from .protocol import (
+    WS_1011_INTERNAL_ERROR,
+    WS_1013_TOO_SLOW,
+    WS_4001_UNAUTHENTICATED,
+    WS_4009_TOO_MANY_CONNECTIONS,
+    WS_4010_TOKEN_EXPIRED,
+)
+from .types import Principal, Push, PushResult
+
+if TYPE_CHECKING:
+    from .app import Hub
+
+__all__ = ["Session", "websocket_endpoint"]
+
+log = logging.getLogger("hub.session")
+
+SUBSCRIBE_WAIT_S = 2.0
+EXPIRY_WARNING_S = 60.0
+MAX_PUSHES_IN_FLIGHT = 64
+MAX_PULL_ANSWER_BYTES = 1024 * 1024 - 1024
+
+
+class Session:
+    """A connection's state; also the coordinator's :class:`~hub.coordinator.Receiver`."""
+
+    def __init__(self, hub: Hub, websocket: WebSocket) -> None:
+        self.hub = hub
+        self.ws = websocket
+        self.id = "c-" + secrets.token_hex(8)
+        self.user = ""
+        self.device = ""
+        self.notify_only = False
+        self.principal: Principal | None = None
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._closing: tuple[int, str] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._in_flight = 0
+
+    # -- the coordinator's side ------------------------------------------------
+
+    def deliver(self, text: str) -> None:
+        if self._closing is not None:
+            return
+        limits = self.hub.settings
+        if len(self._queue) >= limits.send_queue_size:
+            self.hub.metrics_slow_closes += 1
+            log.info("closing a slow connection", extra={"connection": self.id})
+            self.close_soon(WS_1013_TOO_SLOW, "too slow; reconnect and pull")
+            return
+        self._queue.append(text)
+        self._queued_bytes += len(text)
+        self._wakeup.set()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close with ``code``; queued messages are dropped."""
+        if self._closing is not None:
+            return
+        self._closing = (code, reason)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wakeup.set()
+        # A writer stuck sending to a client that does not read would never get
+        # to the close: cancel it, and send the close on its own.
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        asyncio.get_running_loop().create_task(self._send_close())
+
+    async def _send_close(self) -> None:
+        assert self._closing is not None
+        code, reason = self._closing
+        with contextlib.suppress(Exception):
+            await self.ws.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        hub = self.hub
+        origin = self.ws.headers.get("origin")
+        if origin is not None and origin not in hub.settings.allowed_origins:
+            log.info("refused an upgrade from a foreign origin", extra={"origin": origin[:200]})
+            await self.ws.close()  # before accept: the upgrade is answered with 403
+            return
+        await self.ws.accept()
+        try:
+            auth = await self._authenticate()
+        except HubError as exc:
+            hub.count_auth_failure(exc.code)
+            await self._close_now(WS_4001_UNAUTHENTICATED, exc.message[:120])
+            return
+        except (TimeoutError, WebSocketDisconnect):
+            if not self._closing:
+                await self._close_now(WS_4001_UNAUTHENTICATED, "no auth message in time")
+            return
+        principal, device, mode = auth
+        self.principal, self.user, self.device = principal, principal.user, device
+        self.notify_only = mode == "notify"
+        ready = hub.coordinators.attach(self)
+        if ready is None:
+            await self._close_now(WS_4009_TOO_MANY_CONNECTIONS, "too many connections")
+            return
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_WAIT_S)
+            version = await hub.store.version(self.user)
+            self._schedule_expiry()
+            welcome = {
+                "type": "welcome",
+                "user": self.user,
+                "device": self.device,
+                "connection": self.id,
+                "version": version,
+                "heartbeat_s": hub.settings.heartbeat_s,
+            }
+            self._queue.appendleft(orjson.dumps(welcome).decode())
+            self._wakeup.set()
+            self._writer = asyncio.create_task(self._write_loop())
+            await self._read_loop()
+        except Exception:
+            log.exception("connection failed", extra={"connection": self.id})
+            self.close_soon(WS_1011_INTERNAL_ERROR, "internal error")
+        finally:
+            hub.coordinators.detach(self)
+            for timer in self._timers:
+                timer.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        self._closing = (code, reason)
+        await self._send_close()
+
+    async def _authenticate(self) -> tuple[Principal, str, str]:
+        hub = self.hub
+        params = self.ws.query_params
+        if "authorization" in self.ws.headers:
+            principal = hub.authenticator.authenticate(bearer_token(self.ws.headers))
+            device = params.get("device")
+            mode = params.get("mode", "events")
+            if mode not in protocol.MODES:
+                raise BadRequest("'mode' must be 'events' or 'notify'")
+        else:
+            message = await asyncio.wait_for(self.ws.receive(), hub.settings.auth_timeout_s)
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            auth = protocol.parse_auth(protocol.loads(_payload(message)))
+            principal = hub.authenticator.authenticate(auth.token)
+            device, mode = auth.device or params.get("device"), auth.mode
+        if not protocol.valid_device(device):
+            raise Unauthorized("a device id is required: 1..64 characters of [A-Za-z0-9_.:-]")
+        assert device is not None
+        if not principal.can("read"):
+            raise Forbidden("this credential cannot receive events")
+        return principal, device, mode
+
+    def _schedule_expiry(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        assert self.principal is not None
+        expires_at = self.principal.expires_at
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = expires_at - time.time()
+        self._timers.append(
+            loop.call_later(max(0.0, left - EXPIRY_WARNING_S), self._warn_expiry, expires_at)
+        )
+        self._timers.append(
+            loop.call_later(max(0.0, left), self.close_soon, WS_4010_TOKEN_EXPIRED, "token expired")
+        )
+
+    def _warn_expiry(self, expires_at: float) -> None:
+        left = max(0, int(expires_at - time.time()))
+        self.deliver(orjson.dumps({"type": "auth_expiring", "expires_in_s": left}).decode())
+
+    # -- writing -----------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        send = self.ws.send
+        queue = self._queue
+        try:
+            while self._closing is None:
+                if not queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                text = queue.popleft()
+                self._queued_bytes -= len(text)
+                await send({"type": "websocket.send", "text": text})
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            return  # the client is gone; the reader sees the disconnect
+
+    # -- reading -----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            self._handle(_payload(message))
+
+    def _handle(self, raw: str | bytes) -> None:
+        mid: str | None = None
+        try:
+            message = protocol.loads(raw)
+            if not isinstance(message, dict):
+                raise BadRequest("a message must be a JSON object")
+            if isinstance(message.get("id"), str):
+                mid = message["id"][: protocol.MAX_MESSAGE_ID_CHARS]
+            kind = message.get("type")
+            if kind == "push":
+                self._push(message)
+            elif kind == "pull":
+                mid = protocol.message_id(message, required=False)
+                asyncio.get_running_loop().create_task(self._pull(message, mid))
+            elif kind == "ping":
+                self.deliver('{"type":"pong"}')
+            elif kind == "auth":
+                self._refresh(message)
+            else:
+                raise BadRequest(f"unknown message type {str(kind)[:40]!r}")
+        except HubError as exc:
+            self.deliver(protocol.error_message(exc.code, exc.message, mid))
+
+    def _push(self, message: dict[str, Any]) -> None:
+        assert self.principal is not None
+        mid = protocol.message_id(message, required=True)
+        assert mid is not None
+        if not self.principal.can("write"):
+            raise Forbidden("this credential cannot push")
+        if self._in_flight >= MAX_PUSHES_IN_FLIGHT:
+            raise RateLimited("too many pushes in flight on this connection; wait for acks", 1.0)
+        if "changes" not in message:
+            raise BadRequest("'changes' is required")
+        changes = protocol.parse_changes(
+            message["changes"], self.hub.settings.limits, time.time_ns() // 1_000_000
+        )
+        push = Push(
+            self.user,
+            self.device,
+            changes,
+            mid,
+            "ws:" + self.device,
+            protocol.push_digest(message["changes"]),
+        )
+        self._in_flight += 1
+        future = self.hub.coordinators.push(push, origin=self.id)
+        future.add_done_callback(lambda f: self._acked(mid, f))
+
+    def _acked(self, mid: str, future: asyncio.Future[PushResult]) -> None:
+        self._in_flight -= 1
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, HubError):
+            self.deliver(protocol.error_message(error.code, error.message, mid))
+            return
+        if error is not None:
+            self.deliver(protocol.error_message("internal", "internal error", mid))
+            return
+        result = future.result()
+        ack: dict[str, Any] = {"type": "ack", "id": mid, **result.body()}
+        if result.replay:
+            ack["replay"] = True
+        self.deliver(orjson.dumps(ack).decode())
+
+    async def _pull(self, message: dict[str, Any], mid: str | None) -> None:
+        try:
+            query = protocol.parse_pull_query(message, self.hub.settings.limits)
+            while True:
+                page = await self.hub.store.pull(self.user, query)
+                body = {"type": "changes", **protocol.pull_body(page)}
+                if mid is not None:
+                    body["id"] = mid
+                text = orjson.dumps(body)
+                if len(text) <= MAX_PULL_ANSWER_BYTES or query.limit == 1:
+                    break
+                # Too big for one message: ask for fewer deltas (has_more says the rest).
+                query = protocol.PullQuery(query.cursor, max(1, query.limit // 2), query.collection)
+            self.deliver(text.decode())
+        except HubError as exc:
+            self.deliver(protocol.error_message(exc.code, exc.message, mid))
+
+    def _refresh(self, message: dict[str, Any]) -> None:
+        auth = protocol.parse_auth(message)
+        principal = self.hub.authenticator.authenticate(auth.token)
+        if principal.user != self.user:
+            raise Forbidden("a token of another user cannot be used on this connection")
+        self.principal = principal
+        self._schedule_expiry()
+        self.deliver(orjson.dumps({"type": "auth_ok", "expires_at": principal.expires_at}).decode())
+
+
+def _payload(message: Any) -> str | bytes:
+    text = message.get("text")
+    if text is not None:
+        return str(text)
+    data = message.get("bytes")
+    return bytes(data) if data is not None else b""
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """``GET /v1/ws``"""
+    hub: Hub = websocket.app.state.hub
+    await Session(hub, websocket).run()
