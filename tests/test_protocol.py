@@ -1,0 +1,710 @@
+"""Parsing and validating what clients send (PROTOCOL.md: changes, limits,
+cursors, pull queries).
+
+Every rejected input is checked for its error class, its ``code`` and
+``status``, and for a message that names where it is wrong
+("changes[1].fields.title"). Pure: no event loop, no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hub.errors import BadRequest, ClockSkew, HubError, InvalidChange, PayloadTooLarge
+from hub.protocol import (
+    Limits,
+    decode_cursor,
+    encode_cursor,
+    parse_changes,
+    parse_http_push,
+    parse_pull_query,
+)
+from hub.types import Change, Cursor, FieldWrite, Push
+
+NOW = 1732185600123  # the hub's clock in these tests, in ms
+LIMITS = Limits()
+
+
+def stamp(wall: int = NOW, counter: int = 0, node: str = "phone-1") -> str:
+    return f"{wall:013d}-{counter:04d}-{node}"
+
+
+S = stamp()
+
+
+def good() -> dict[str, Any]:
+    return {
+        "collection": "todos",
+        "id": "t1",
+        "op": "upsert",
+        "fields": {"title": {"value": "a", "hlc": S}},
+    }
+
+
+def up(fields: Any, **extra: Any) -> dict[str, Any]:
+    return {"collection": "todos", "id": "t1", "op": "upsert", "fields": fields, **extra}
+
+
+def title(value: Any, hlc: Any = S) -> dict[str, Any]:
+    return {"title": {"value": value, "hlc": hlc}}
+
+
+def rm(**extra: Any) -> dict[str, Any]:
+    return {"collection": "todos", "id": "t1", "op": "delete", "hlc": S, **extra}
+
+
+def with_key(change: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    return {**change, key: value}
+
+
+def without(change: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in change.items() if k != key}
+
+
+def body(changes: Any, device: Any = "phone-1") -> bytes:
+    return json.dumps({"device": device, "changes": changes}).encode()
+
+
+def http(raw: bytes, key: str | None = None, limits: Limits = LIMITS) -> Push:
+    return parse_http_push(raw, user="u1", key=key, limits=limits, now_ms=NOW)
+
+
+def xfail(reason: str, raises: type[BaseException]) -> Any:
+    """A known bug: the test fails with ``raises`` until the module is fixed."""
+    return pytest.mark.xfail(strict=True, reason=reason, raises=raises)
+
+
+DID_NOT_RAISE = pytest.fail.Exception  # what pytest.raises raises when nothing was raised
+
+
+def assert_error(exc: HubError, cls: type[HubError], code: str, status: int, where: str) -> None:
+    assert type(exc) is cls
+    assert exc.code == code
+    assert exc.status == status
+    assert where in exc.message
+    assert exc.body()["error"]["code"] == code
+
+
+# --- one bad change, placed after a good one: the message names its index ----
+
+BAD_CHANGES: list[Any] = [
+    pytest.param(5, "changes[1]", id="change-is-a-number"),
+    pytest.param(["collection", "todos"], "changes[1]", id="change-is-a-list"),
+    pytest.param(None, "changes[1]", id="change-is-null"),
+    pytest.param(with_key(good(), "extra", 1), "changes[1]", id="unknown-key"),
+    pytest.param(with_key(good(), "version", 3), "changes[1]", id="unknown-key-version"),
+    pytest.param(without(good(), "collection"), "changes[1].collection", id="collection-missing"),
+    pytest.param(
+        with_key(good(), "collection", ""), "changes[1].collection", id="collection-empty"
+    ),
+    pytest.param(
+        with_key(good(), "collection", "c" * 65), "changes[1].collection", id="collection-65"
+    ),
+    pytest.param(
+        with_key(good(), "collection", "a/b"), "changes[1].collection", id="collection-slash"
+    ),
+    pytest.param(
+        with_key(good(), "collection", "a:b"), "changes[1].collection", id="collection-colon"
+    ),
+    pytest.param(
+        with_key(good(), "collection", 7), "changes[1].collection", id="collection-number"
+    ),
+    pytest.param(without(good(), "id"), "changes[1].id", id="id-missing"),
+    pytest.param(with_key(good(), "id", ""), "changes[1].id", id="id-empty"),
+    pytest.param(with_key(good(), "id", "i" * 129), "changes[1].id", id="id-129"),
+    pytest.param(with_key(good(), "id", "a\u0000b"), "changes[1].id", id="id-nul"),
+    pytest.param(with_key(good(), "id", 12), "changes[1].id", id="id-number"),
+    pytest.param(without(good(), "op"), "changes[1].op", id="op-missing"),
+    pytest.param(with_key(good(), "op", "merge"), "changes[1].op", id="op-unknown"),
+    pytest.param(with_key(good(), "op", "UPSERT"), "changes[1].op", id="op-wrong-case"),
+    pytest.param(without(good(), "fields"), "changes[1].fields", id="upsert-no-fields"),
+    pytest.param(up({}), "changes[1].fields", id="upsert-empty-fields"),
+    pytest.param(up([{"value": 1, "hlc": S}]), "changes[1].fields", id="upsert-fields-list"),
+    pytest.param(up("title"), "changes[1].fields", id="upsert-fields-string"),
+    pytest.param(up(None), "changes[1].fields", id="upsert-fields-null"),
+    pytest.param(
+        up({"_secret": {"value": 1, "hlc": S}}), "changes[1].fields._secret", id="field-underscore"
+    ),
+    pytest.param(up({"a b": {"value": 1, "hlc": S}}), "changes[1].fields.a b", id="field-space"),
+    pytest.param(up({"a/b": {"value": 1, "hlc": S}}), "changes[1].fields.a/b", id="field-slash"),
+    pytest.param(
+        up({"\u00e9t\u00e9": {"value": 1, "hlc": S}}),
+        "changes[1].fields.\u00e9t\u00e9",
+        id="field-non-ascii",
+    ),
+    pytest.param(up({"": {"value": 1, "hlc": S}}), "changes[1].fields.", id="field-empty-name"),
+    pytest.param(
+        up({"f" * 65: {"value": 1, "hlc": S}}), "changes[1].fields." + "f" * 65, id="field-65"
+    ),
+    pytest.param(up({"title": "a"}), "changes[1].fields.title", id="spec-not-object"),
+    pytest.param(up({"title": {"hlc": S}}), "changes[1].fields.title", id="spec-no-value"),
+    pytest.param(up({"title": {"value": 1}}), "changes[1].fields.title", id="spec-no-hlc"),
+    pytest.param(
+        up({"title": {"value": 1, "hlc": S, "x": 0}}),
+        "changes[1].fields.title",
+        id="spec-extra-key",
+    ),
+    pytest.param(up(title("x" * (64 * 1024 - 1))), "changes[1].fields.title", id="value-64KiB+1"),
+    pytest.param(
+        up(title("\u00e9" * 32768)), "changes[1].fields.title", id="value-64KiB-counted-in-bytes"
+    ),
+    pytest.param(up(title("a\u0000b")), "changes[1].fields.title", id="value-nul"),
+    pytest.param(up(title(["ok", "\u0000"])), "changes[1].fields.title", id="value-nul-in-list"),
+    pytest.param(up(title({"k\u0000": 1})), "changes[1].fields.title", id="value-nul-in-key"),
+    pytest.param(
+        up(title({"a": [{"b": "x\u0000"}]})), "changes[1].fields.title", id="value-nul-deep"
+    ),
+    pytest.param(up(title(1, "nope")), "changes[1].fields.title.hlc", id="field-stamp-garbage"),
+    pytest.param(
+        up(title(1, "173218560012-0000-p")),
+        "changes[1].fields.title.hlc",
+        id="field-stamp-12-digits",
+    ),
+    pytest.param(
+        up(title(1, stamp()[: -len("phone-1")])),
+        "changes[1].fields.title.hlc",
+        id="field-stamp-no-node",
+    ),
+    pytest.param(
+        up(title(1, stamp(node="a/b"))), "changes[1].fields.title.hlc", id="field-stamp-bad-node"
+    ),
+    pytest.param(
+        up(title(1, stamp(node="n" * 65))), "changes[1].fields.title.hlc", id="field-stamp-node-65"
+    ),
+    pytest.param(up(title(1, NOW)), "changes[1].fields.title.hlc", id="field-stamp-number"),
+    pytest.param(up(title(1, None)), "changes[1].fields.title.hlc", id="field-stamp-null"),
+    pytest.param(up(title(1), hlc=S), "changes[1].hlc", id="upsert-with-top-level-hlc"),
+    pytest.param(
+        rm(fields={"title": {"value": 1, "hlc": S}}), "changes[1].fields", id="delete-with-fields"
+    ),
+    pytest.param(rm(fields={}), "changes[1].fields", id="delete-with-empty-fields"),
+    pytest.param(without(rm(), "hlc"), "changes[1].hlc", id="delete-no-hlc"),
+    pytest.param(rm(hlc="yesterday"), "changes[1].hlc", id="delete-bad-hlc"),
+    pytest.param(rm(actor="x" * 4095), "changes[1].actor", id="actor-4KiB+1"),
+    pytest.param(rm(actor={"name": "a\u0000"}), "changes[1].actor", id="actor-nul"),
+    pytest.param(rm(origin="robot"), "changes[1].origin", id="origin-unknown"),
+    pytest.param(rm(origin="User"), "changes[1].origin", id="origin-wrong-case"),
+    pytest.param(rm(origin=5), "changes[1].origin", id="origin-number"),
+    pytest.param(
+        rm(origin=["user"]),
+        "changes[1].origin",
+        id="origin-list",
+        marks=xfail("an unhashable origin raises TypeError (500), not invalid_change", TypeError),
+    ),
+    pytest.param(
+        rm(origin={"kind": "user"}),
+        "changes[1].origin",
+        id="origin-object",
+        marks=xfail("an unhashable origin raises TypeError (500), not invalid_change", TypeError),
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "where"), BAD_CHANGES)
+def test_bad_change_is_invalid_change_naming_index_and_field(change: Any, where: str) -> None:
+    with pytest.raises(InvalidChange) as info:
+        parse_changes([good(), change], LIMITS, NOW)
+    assert_error(info.value, InvalidChange, "invalid_change", 400, where)
+    assert info.value.message.startswith(where + ": ")
+    assert info.value.index == 1
+
+
+@pytest.mark.parametrize(("change", "where"), BAD_CHANGES)
+def test_bad_change_rejects_the_whole_http_push(change: Any, where: str) -> None:
+    with pytest.raises(InvalidChange) as info:
+        http(body([good(), change]))
+    assert where in info.value.message
+
+
+def test_invalid_change_details_carry_index_and_field() -> None:
+    changes = [good(), good(), good(), up({"title": {"value": 1}})]
+    with pytest.raises(InvalidChange) as info:
+        parse_changes(changes, LIMITS, NOW)
+    assert info.value.message.startswith("changes[3].fields.title: ")
+    assert (info.value.index, info.value.field) == (3, "fields.title")
+    assert info.value.details == {"index": 3, "field": "fields.title"}
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(InvalidChange) as info:
+        parse_changes([good(), good(), with_key(good(), "colour", "red")], LIMITS, NOW)
+    assert info.value.message.startswith("changes[2]: ")
+    assert "colour" in info.value.message
+
+
+def test_first_bad_change_is_reported() -> None:
+    changes = [good(), with_key(good(), "id", ""), with_key(good(), "op", "x")]
+    with pytest.raises(InvalidChange, match=re.escape("changes[1].id")):
+        parse_changes(changes, LIMITS, NOW)
+
+
+# --- limits at their edges --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("x" * (64 * 1024 - 2), id="string-exactly-64KiB"),
+        pytest.param("\u00e9" * 32767, id="two-byte-chars-exactly-64KiB"),
+        pytest.param("\\u0000", id="literal-backslash-u0000"),
+        pytest.param(["\\u0000", {"\\u0000": "\\\\u0000"}], id="literal-backslash-u0000-nested"),
+        pytest.param("\u0001\u001f\u2028", id="other-control-chars"),
+        pytest.param(None, id="null"),
+        pytest.param({"deep": [1, 2.5, -3, True, None, {"x": "\u00fc"}]}, id="nested"),
+    ],
+)
+def test_values_within_the_limits_are_accepted(value: Any) -> None:
+    (_, change) = parse_changes([good(), up(title(value))], LIMITS, NOW)
+    (write,) = change.fields
+    assert json.loads(write.value) == value
+
+
+def test_literal_backslash_u0000_in_raw_json_accepted_but_real_nul_rejected() -> None:
+    literal = b'{"device":"d","changes":[{"collection":"c","id":"i","op":"upsert",' + (
+        b'"fields":{"t":{"value":"\\\\u0000","hlc":"' + S.encode() + b'"}}}]}'
+    )
+    push = http(literal)
+    assert json.loads(push.changes[0].fields[0].value) == "\\" + "u0000"
+    nul = literal.replace(b"\\\\u0000", b"\\u0000")
+    with pytest.raises(InvalidChange, match=re.escape("changes[0].fields.t")):
+        http(nul)
+
+
+def test_collection_and_id_at_their_longest_accepted() -> None:
+    (change,) = parse_changes(
+        [{"collection": "c" * 64, "id": "\u00fc" * 128, "op": "delete", "hlc": S}], LIMITS, NOW
+    )
+    assert (change.collection, change.record_id) == ("c" * 64, "\u00fc" * 128)
+
+
+def test_field_name_at_its_longest_accepted() -> None:
+    (change,) = parse_changes([up({"f" * 64: {"value": 1, "hlc": S}})], LIMITS, NOW)
+    assert change.fields[0].name == "f" * 64
+
+
+def test_actor_exactly_4KiB_accepted() -> None:
+    (change,) = parse_changes([rm(actor="x" * 4094)], LIMITS, NOW)
+    assert change.actor is not None and len(change.actor.encode()) == 4096
+
+
+def test_1000_changes_accepted_1001_too_large() -> None:
+    assert len(parse_changes([good()] * 1000, LIMITS, NOW)) == 1000
+    with pytest.raises(PayloadTooLarge) as info:
+        parse_changes([good()] * 1001, LIMITS, NOW)
+    assert_error(info.value, PayloadTooLarge, "payload_too_large", 413, "1001")
+    assert (info.value.size, info.value.limit) == (1001, 1000)
+
+
+def test_too_many_changes_rejected_before_any_is_checked() -> None:
+    with pytest.raises(PayloadTooLarge):
+        http(body([{"bad": True}] * 1001))
+
+
+def test_configured_limits_apply() -> None:
+    small = Limits(max_changes_per_push=2, max_value_bytes=10, max_clock_drift_ms=5)
+    with pytest.raises(PayloadTooLarge):
+        parse_changes([good()] * 3, small, NOW)
+    with pytest.raises(InvalidChange, match=re.escape("changes[0].fields.title")):
+        parse_changes([up(title("x" * 9))], small, NOW)
+    assert parse_changes([up(title("x" * 8))], small, NOW)
+    with pytest.raises(ClockSkew):
+        parse_changes([rm(hlc=stamp(NOW + 6))], small, NOW)
+
+
+# --- clock skew -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "ahead"),
+    [
+        pytest.param(up(title(1, stamp(NOW + 60_001))), 60_001, id="field-stamp"),
+        pytest.param(rm(hlc=stamp(NOW + 60_001)), 60_001, id="delete-stamp"),
+        pytest.param(up(title(1, stamp(NOW + 86_400_000))), 86_400_000, id="a-day-ahead"),
+    ],
+)
+def test_stamp_too_far_ahead_is_clock_skew(change: dict[str, Any], ahead: int) -> None:
+    with pytest.raises(ClockSkew) as info:
+        parse_changes([good(), change], LIMITS, NOW)
+    exc = info.value
+    assert type(exc) is ClockSkew and isinstance(exc, BadRequest)
+    assert (exc.code, exc.status) == ("clock_skew", 400)
+    assert (exc.ahead_ms, exc.max_ms) == (ahead, 60_000)
+    assert exc.details["index"] == 1
+    assert "correct the device clock" in exc.message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="ClockSkew's message names neither change index nor field, as protocol.py promises",
+)
+def test_clock_skew_message_names_index_and_field() -> None:
+    changes = [
+        good(),
+        good(),
+        up({"done": {"value": True, "hlc": S}, "title": {"value": 1, "hlc": stamp(NOW + 60_001)}}),
+    ]
+    with pytest.raises(ClockSkew) as info:
+        parse_changes(changes, LIMITS, NOW)
+    assert "changes[2].fields.title" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "hlc",
+    [
+        pytest.param(stamp(NOW + 60_000, 9999), id="exactly-the-drift-ahead"),
+        pytest.param(stamp(NOW), id="now"),
+        pytest.param(stamp(NOW - 86_400_000 * 365), id="a-year-old"),
+        pytest.param(stamp(0), id="epoch"),
+    ],
+)
+def test_stamps_within_drift_or_old_are_accepted(hlc: str) -> None:
+    (a, b) = parse_changes([up(title(1, hlc)), rm(hlc=hlc)], LIMITS, NOW)
+    assert a.fields[0].hlc == hlc and b.hlc == hlc
+
+
+# --- valid pushes parse to the expected values ------------------------------
+
+
+def test_valid_http_push_parses_to_changes() -> None:
+    t1, t2 = stamp(NOW - 5), stamp(NOW - 1, 3, "laptop")
+    raw = body(
+        [
+            {
+                "collection": "todos",
+                "id": "t1",
+                "op": "upsert",
+                "fields": {
+                    "title": {"value": "Buy milk", "hlc": t1},
+                    "done": {"value": False, "hlc": t1},
+                    "tags": {"value": ["a", 1, None], "hlc": t2},
+                },
+                "origin": "agent",
+                "actor": {"agent": "planner", "run": 7},
+            },
+            {"collection": "todos", "id": "t1", "op": "delete", "hlc": t2},
+            {
+                "collection": "notes.v2",
+                "id": "n\u00fc/1 x",
+                "op": "upsert",
+                "fields": {"body": {"value": {"\u00fc": 1.5}, "hlc": t1}},
+                "origin": "user",
+            },
+        ],
+        device="phone-1:web",
+    )
+    push = http(raw, key="key-1")
+    assert push == Push(
+        user="u1",
+        device="phone-1:web",
+        changes=(
+            Change(
+                "todos",
+                "t1",
+                "upsert",
+                (
+                    FieldWrite("title", '"Buy milk"', t1),
+                    FieldWrite("done", "false", t1),
+                    FieldWrite("tags", '["a",1,null]', t2),
+                ),
+                None,
+                "agent",
+                '{"agent":"planner","run":7}',
+            ),
+            Change("todos", "t1", "delete", (), t2, None, None),
+            Change(
+                "notes.v2",
+                "n\u00fc/1 x",
+                "upsert",
+                (FieldWrite("body", '{"\u00fc":1.5}', t1),),
+                None,
+                "user",
+                None,
+            ),
+        ),
+        key="key-1",
+        scope="http",
+        digest=hashlib.sha256(raw).digest(),
+    )
+
+
+@pytest.mark.parametrize("origin", ["user", "agent", "system", "migration", None])
+def test_every_origin_accepted(origin: str | None) -> None:
+    (change,) = parse_changes([rm(origin=origin)], LIMITS, NOW)
+    assert change.origin == origin
+
+
+def test_empty_change_list_is_a_valid_push() -> None:
+    assert http(body([])).changes == ()
+
+
+def test_digest_tells_bodies_apart() -> None:
+    a, b = body([good()]), body([good(), good()])
+    assert http(a).digest != http(b).digest
+    assert http(a).digest == http(a).digest
+
+
+# --- the HTTP push envelope -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "mentions"),
+    [
+        pytest.param(b"", "JSON", id="empty-body"),
+        pytest.param(b"{", "JSON", id="malformed-json"),
+        pytest.param(b'{"device": "d", "changes": [],}', "JSON", id="trailing-comma"),
+        pytest.param(b'{"device": "\xff", "changes": []}', "JSON", id="invalid-utf8"),
+        pytest.param(b"[]", "object", id="body-list"),
+        pytest.param(b'"push"', "object", id="body-string"),
+        pytest.param(b"null", "object", id="body-null"),
+        pytest.param(json.dumps({"changes": []}).encode(), "device", id="device-missing"),
+        pytest.param(body([], device=""), "device", id="device-empty"),
+        pytest.param(body([], device="d" * 65), "device", id="device-65"),
+        pytest.param(body([], device="a b"), "device", id="device-space"),
+        pytest.param(body([], device="a/b"), "device", id="device-slash"),
+        pytest.param(body([], device=5), "device", id="device-number"),
+        pytest.param(body([], device=None), "device", id="device-null"),
+        pytest.param(json.dumps({"device": "d"}).encode(), "changes", id="changes-missing"),
+        pytest.param(body({"0": good()}), "changes", id="changes-object"),
+        pytest.param(body(None), "changes", id="changes-null"),
+        pytest.param(body("[]"), "changes", id="changes-string"),
+    ],
+)
+def test_bad_http_push_is_bad_request(raw: bytes, mentions: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        http(raw)
+    assert_error(info.value, BadRequest, "bad_request", 400, mentions)
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256])
+def test_bad_idempotency_key_is_bad_request(key: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        http(body([good()]), key=key)
+    assert_error(info.value, BadRequest, "bad_request", 400, "Idempotency-Key")
+
+
+@pytest.mark.parametrize("key", [None, "k", "k" * 255])
+def test_good_idempotency_key_kept(key: str | None) -> None:
+    assert http(body([good()]), key=key).key == key
+
+
+def test_http_body_over_the_limit_is_payload_too_large() -> None:
+    raw = body([good()])
+    assert http(raw, limits=Limits(max_http_body_bytes=len(raw))).changes
+    with pytest.raises(PayloadTooLarge) as info:
+        http(raw, limits=Limits(max_http_body_bytes=len(raw) - 1))
+    assert_error(info.value, PayloadTooLarge, "payload_too_large", 413, str(len(raw)))
+
+
+def test_default_http_body_limit_is_10MiB() -> None:
+    raw = body([good()])
+    raw = raw + b" " * (10 * 1024 * 1024 + 1 - len(raw))
+    with pytest.raises(PayloadTooLarge):
+        http(raw)
+
+
+def test_parse_changes_needs_a_list() -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_changes({"changes": []}, LIMITS, NOW)
+    assert_error(info.value, BadRequest, "bad_request", 400, "changes")
+
+
+# --- cursors ----------------------------------------------------------------
+
+URL_SAFE = re.compile(r"[0-9]+(\.[A-Za-z0-9_-]+)?")
+versions = st.integers(min_value=0, max_value=10**18 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(versions)
+def test_version_cursor_round_trip(version: int) -> None:
+    text = encode_cursor(Cursor(version))
+    assert text == str(version)
+    assert decode_cursor(text) == Cursor(version)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    versions,
+    st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=64),
+    st.text(min_size=1, max_size=128),
+)
+def test_position_cursor_round_trip(version: int, collection: str, record_id: str) -> None:
+    text = encode_cursor(Cursor(version, collection, record_id))
+    # Opaque, but safe to put in a query string as it is.
+    assert URL_SAFE.fullmatch(text)
+    assert decode_cursor(text) == Cursor(version, collection, record_id)
+
+
+@pytest.mark.parametrize(
+    ("given_", "expected"),
+    [
+        (None, Cursor(0)),
+        ("", Cursor(0)),
+        (0, Cursor(0)),
+        ("0", Cursor(0)),
+        (42, Cursor(42)),
+        ("42", Cursor(42)),
+        ("000000000000000042", Cursor(42)),
+    ],
+)
+def test_cursor_beginning_and_plain_versions(given_: Any, expected: Cursor) -> None:
+    assert decode_cursor(given_) == expected
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("abc", id="letters"),
+        pytest.param("-1", id="negative"),
+        pytest.param("+5", id="plus"),
+        pytest.param(" 5", id="leading-space"),
+        pytest.param("5 ", id="trailing-space"),
+        pytest.param("1" * 19, id="19-digits"),
+        pytest.param(".", id="dot-only"),
+        pytest.param("." + b64(b'["a","b"]'), id="no-version"),
+        pytest.param("5.!!!!", id="position-not-base64"),
+        pytest.param("5." + b64(b"not json"), id="position-not-json"),
+        pytest.param("5." + b64(b'["a"]'), id="position-one-part"),
+        pytest.param("5." + b64(b'["a","b","c"]'), id="position-three-parts"),
+        pytest.param("5." + b64(b'[1,"b"]'), id="position-collection-number"),
+        pytest.param("5." + b64(b'["a",null]'), id="position-id-null"),
+        pytest.param("5." + b64(b"\xff\xfe"), id="position-not-utf8"),
+        pytest.param(-3, id="negative-int"),
+        pytest.param(True, id="bool"),
+        pytest.param(3.0, id="float"),
+        pytest.param(["5"], id="list"),
+        pytest.param(
+            "\u00b2",
+            id="superscript-two",
+            marks=xfail("'\u00b2'.isdigit(): int() raises ValueError (500)", ValueError),
+        ),
+        pytest.param(
+            "5." + b64(b"12"),
+            id="position-a-number",
+            marks=xfail(
+                "a position that decodes to a JSON number raises TypeError (500)", TypeError
+            ),
+        ),
+        pytest.param(
+            "\u0661\u0662",
+            id="arabic-indic-digits",
+            marks=xfail(
+                "non-ASCII digits pass str.isdigit() and decode as version 12", DID_NOT_RAISE
+            ),
+        ),
+        pytest.param(
+            "5." + b64(b'"ab"'),
+            id="position-a-string",
+            marks=xfail("a two-character JSON string unpacks into (collection, id)", DID_NOT_RAISE),
+        ),
+        pytest.param(
+            "5." + b64(b'{"a":1,"b":2}'),
+            id="position-an-object",
+            marks=xfail(
+                "a two-key JSON object unpacks its keys into (collection, id)", DID_NOT_RAISE
+            ),
+        ),
+    ],
+)
+def test_malformed_cursor_is_bad_request(text: Any) -> None:
+    with pytest.raises(BadRequest) as info:
+        decode_cursor(text)
+    assert_error(info.value, BadRequest, "bad_request", 400, "malformed cursor")
+
+
+# --- pull queries -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "limit"),
+    [
+        ({}, 500),
+        ({"limit": None}, 500),
+        ({"limit": ""}, 500),
+        ({"limit": "1"}, 1),
+        ({"limit": 1}, 1),
+        ({"limit": "5000"}, 5000),
+        ({"limit": 5000}, 5000),
+        ({"limit": "250"}, 250),
+    ],
+)
+def test_pull_limit(params: dict[str, Any], limit: int) -> None:
+    assert parse_pull_query(params, LIMITS).limit == limit
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param("0", id="zero-text"),
+        pytest.param(0, id="zero"),
+        pytest.param(-1, id="negative"),
+        pytest.param("5001", id="5001-text"),
+        pytest.param(5001, id="5001"),
+        pytest.param("abc", id="letters"),
+        pytest.param("1.5", id="decimal-text"),
+        pytest.param("7.0", id="decimal-zero-text"),
+        pytest.param("1e3", id="exponent-text"),
+        pytest.param([3], id="list"),
+        pytest.param({"n": 3}, id="object"),
+        pytest.param(True, id="bool"),
+        pytest.param(
+            2.5,
+            id="float",
+            marks=xfail("int(2.5) == 2: a fractional limit is truncated", DID_NOT_RAISE),
+        ),
+        pytest.param(
+            "1_000",
+            id="underscore-digits",
+            marks=xfail("int() accepts Python digit separators", DID_NOT_RAISE),
+        ),
+        pytest.param(
+            "\u0665",
+            id="arabic-indic-five",
+            marks=xfail("int() accepts non-ASCII digits", DID_NOT_RAISE),
+        ),
+    ],
+)
+def test_bad_pull_limit_is_bad_request(raw: Any) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_pull_query({"limit": raw}, LIMITS)
+    assert_error(info.value, BadRequest, "bad_request", 400, "'limit'")
+
+
+def test_pull_limit_follows_configured_maximum() -> None:
+    small = Limits(default_pull_limit=7, max_pull_limit=10)
+    assert parse_pull_query({}, small).limit == 7
+    assert parse_pull_query({"limit": "10"}, small).limit == 10
+    with pytest.raises(BadRequest):
+        parse_pull_query({"limit": "11"}, small)
+
+
+def test_pull_query_reads_cursor_and_collection() -> None:
+    since = encode_cursor(Cursor(9, "todos", "t1"))
+    q = parse_pull_query({"since": since, "collection": "todos"}, LIMITS)
+    assert (q.cursor, q.collection) == (Cursor(9, "todos", "t1"), "todos")
+    assert parse_pull_query({}, LIMITS).collection is None
+
+
+@pytest.mark.parametrize("collection", ["a/b", "c" * 65, 5, ["todos"]])
+def test_bad_pull_collection_is_bad_request(collection: Any) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_pull_query({"collection": collection}, LIMITS)
+    assert_error(info.value, BadRequest, "bad_request", 400, "'collection'")
+
+
+def test_bad_pull_cursor_is_bad_request() -> None:
+    with pytest.raises(BadRequest, match="malformed cursor"):
+        parse_pull_query({"since": "x"}, LIMITS)
