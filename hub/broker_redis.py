@@ -163,6 +163,8 @@ class RedisBroker:
             await pubsub.subscribe(*wanted)
             self._pubsub, self._subscribed = pubsub, wanted
             self.connected = True
+        # Users who came while this connection was being made: the control loop adds them.
+        self._changes.set()
         log.info("broker connected", extra={"channels": len(wanted)})
 
     async def _control_loop(self) -> None:
@@ -171,7 +173,7 @@ class RedisBroker:
             await self._changes.wait()
             self._changes.clear()
             if self._pubsub is None:
-                continue  # the reader subscribes to everything wanted when it reconnects
+                continue  # the reader subscribes to all wanted channels once connected
             try:
                 async with self._lock:
                     wanted = set(self._handlers) | {self._probe_channel}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,9 +60,15 @@ def _seconds(text: str) -> float:
         scale = units[text[-1]]
         text = text[:-1]
     value = float(text) * scale
-    if value <= 0:
-        raise ValueError("must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive, finite duration")
     return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError("want debug, info, warning or error")
+    return text.lower()
 
 
 def _log_format(text: str) -> str:
@@ -139,7 +146,9 @@ class Settings:
         default=10.0, metadata={"cast": _seconds, "help": "bound on graceful shutdown"}
     )
     log_format: str = field(default="json", metadata={"cast": _log_format, "help": "json or text"})
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    log_level: str = field(
+        default="info", metadata={"cast": _log_level, "help": "debug, info, warning, error"}
+    )
 
     @property
     def limits(self) -> Limits:

@@ -87,11 +87,28 @@ class ClockSkew(BadRequest):
 
     code = "clock_skew"
 
-    def __init__(self, stamp: str, ahead_ms: int, max_ms: int, *, index: int | None = None):
+    def __init__(
+        self,
+        stamp: str,
+        ahead_ms: int,
+        max_ms: int,
+        *,
+        index: int | None = None,
+        field: str | None = None,
+    ):
+        where = ".".join(
+            part for part in (f"changes[{index}]" if index is not None else None, field) if part
+        )
         super().__init__(
-            f"stamp {stamp!r} is {ahead_ms} ms ahead of the hub's clock (at most {max_ms} ms "
-            "allowed); correct the device clock",
-            {"index": index, "stamp": stamp, "ahead_ms": ahead_ms, "max_ms": max_ms},
+            f"{where + ': ' if where else ''}stamp {stamp!r} is {ahead_ms} ms ahead of the "
+            f"hub's clock (at most {max_ms} ms allowed); correct the device clock",
+            {
+                "index": index,
+                "field": field,
+                "stamp": stamp,
+                "ahead_ms": ahead_ms,
+                "max_ms": max_ms,
+            },
         )
         self.stamp = stamp
         self.ahead_ms = ahead_ms

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ __all__ = [
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEVICE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+DIGITS_RE = re.compile(r"[0-9]{1,18}")
+LONG_DIGITS_RE = re.compile(rb"[0-9]{20}")
 ORIGINS = frozenset({"user", "agent", "system", "migration"})
 CHANGE_KEYS = frozenset({"collection", "id", "op", "fields", "hlc", "actor", "origin"})
 MAX_ID_CHARS = 128
@@ -62,11 +65,31 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(data: bytes | str) -> Any:
-    """Decode JSON; malformed input is a ``bad_request`` that says where."""
+    """Decode JSON; malformed input is a ``bad_request`` that says where.
+
+    orjson reads integers beyond 64 bits as floats, which would change a value
+    the hub must keep as it is; a document that may hold one (a run of 20
+    digits) is decoded again with the standard library, which keeps them.
+    """
     try:
-        return orjson.loads(data)
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    raw = data.encode() if isinstance(data, str) else data
+    if LONG_DIGITS_RE.search(raw) is not None:
+        doc = json.loads(raw, parse_constant=_no_constant)
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"malformed JSON: {name} is not a JSON value")
+
+
+def _dumps_value(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits, kept exactly
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def valid_device(device: object) -> bool:
@@ -84,7 +107,7 @@ def _has_nul(value: Any) -> bool:
 
 
 def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
-    encoded = orjson.dumps(value)
+    encoded = _dumps_value(value)
     if len(encoded) > limit:
         raise InvalidChange(
             f"encoded value is {len(encoded)} bytes, the limit is {limit}", index=index, field=what
@@ -105,7 +128,7 @@ def _stamp(value: Any, index: int, what: str, now_ms: int, max_drift_ms: int) ->
         )
     ahead = hlc.ahead_ms(value, now_ms)
     if ahead > max_drift_ms:
-        raise ClockSkew(value, ahead, max_drift_ms, index=index)
+        raise ClockSkew(value, ahead, max_drift_ms, index=index, field=what)
     return str(value)
 
 
@@ -126,7 +149,7 @@ def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
     if "\x00" in record_id:
         raise InvalidChange("may not contain U+0000", index=index, field="id")
     origin = raw.get("origin")
-    if origin is not None and origin not in ORIGINS:
+    if origin is not None and (not isinstance(origin, str) or origin not in ORIGINS):
         raise InvalidChange(f"must be one of {sorted(ORIGINS)}", index=index, field="origin")
     actor = None
     if raw.get("actor") is not None:
@@ -208,26 +231,29 @@ def encode_cursor(cursor: Cursor) -> str:
 
 def decode_cursor(text: str | int | None) -> Cursor:
     """Parse a cursor (``0``, absent or empty: the beginning); ``bad_request`` when malformed."""
-    if text is None or text == "" or text == 0:
+    if text is None or text == "" or (isinstance(text, int) and text == 0):
         return Cursor(0)
     if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return Cursor(text)
     if not isinstance(text, str):
         raise BadRequest("malformed cursor")
+    malformed = BadRequest(f"malformed cursor: {text[:80]!r}")
     version_text, _, position = text.partition(".")
-    if not version_text.isdigit() or len(version_text) > 18:
-        raise BadRequest(f"malformed cursor: {text[:80]!r}")
+    if DIGITS_RE.fullmatch(version_text) is None:
+        raise malformed
     if not position:
         return Cursor(int(version_text))
     try:
-        collection, record_id = orjson.loads(
-            base64.urlsafe_b64decode(position + "=" * (-len(position) % 4))
-        )
+        decoded = orjson.loads(base64.urlsafe_b64decode(position + "=" * (-len(position) % 4)))
     except (ValueError, binascii.Error, orjson.JSONDecodeError):
-        raise BadRequest(f"malformed cursor: {text[:80]!r}") from None
-    if not isinstance(collection, str) or not isinstance(record_id, str):
-        raise BadRequest(f"malformed cursor: {text[:80]!r}")
-    return Cursor(int(version_text), collection, record_id)
+        raise malformed from None
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != 2
+        or not all(isinstance(part, str) for part in decoded)
+    ):
+        raise malformed
+    return Cursor(int(version_text), decoded[0], decoded[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,15 +267,17 @@ def parse_pull_query(params: Mapping[str, Any], limits: Limits) -> PullQuery:
     """Parse ``since``, ``limit`` and ``collection`` of a pull (HTTP query or WS message)."""
     cursor = decode_cursor(params.get("since"))
     raw_limit = params.get("limit")
+    bounds = f"'limit' must be an integer 1..{limits.max_pull_limit}"
     if raw_limit is None or raw_limit == "":
         limit = limits.default_pull_limit
+    elif isinstance(raw_limit, int) and not isinstance(raw_limit, bool):
+        limit = raw_limit
+    elif isinstance(raw_limit, str) and DIGITS_RE.fullmatch(raw_limit):
+        limit = int(raw_limit)
     else:
-        try:
-            limit = int(raw_limit)
-        except (TypeError, ValueError):
-            raise BadRequest(f"'limit' must be an integer, not {raw_limit!r}") from None
-        if isinstance(raw_limit, bool) or not 1 <= limit <= limits.max_pull_limit:
-            raise BadRequest(f"'limit' must be 1..{limits.max_pull_limit}")
+        raise BadRequest(f"{bounds}, not {str(raw_limit)[:40]!r}")
+    if not 1 <= limit <= limits.max_pull_limit:
+        raise BadRequest(bounds)
     collection = params.get("collection")
     if collection is not None and (
         not isinstance(collection, str) or NAME_RE.fullmatch(collection) is None
@@ -348,7 +376,11 @@ def message_id(message: dict[str, Any], required: bool) -> str | None:
 
 def push_digest(changes: Any) -> bytes:
     """What tells a replayed WebSocket push from a reused id: its changes, canonically."""
-    return hashlib.sha256(orjson.dumps(changes, option=orjson.OPT_SORT_KEYS)).digest()
+    try:
+        canonical = orjson.dumps(changes, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer beyond 64 bits
+        canonical = json.dumps(changes, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).digest()
 
 
 def error_message(code: str, message: str, mid: str | None = None) -> str:

@@ -92,6 +92,8 @@ class Session:
         self._queue.clear()
         self._queued_bytes = 0
         self._wakeup.set()
+        if self.user:
+            self.hub.coordinators.detach(self)  # no more events for a closing connection
         # A writer stuck sending to a client that does not read would never get
         # to the close: cancel it, and send the close on its own.
         if self._writer is not None and not self._writer.done():

