@@ -87,7 +87,8 @@ def serve(args: argparse.Namespace) -> int:
                 "HUB_REDIS_URL": redis_url or "",
             }
         )
-        say(f"hub: listening on {base} ({settings.workers} workers)")
+        say(f"hub: starting {settings.workers} worker processes")
+        say(f"hub: listening on {base}")
         return run_workers(settings.workers, sock, env, sys.argv[2:])
 
     def ready() -> None:

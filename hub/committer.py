@@ -75,7 +75,7 @@ class Committer:
             await self._task
 
     def _take_batch(self) -> list[tuple[Push, asyncio.Future[PushResult]]]:
-        batch = []
+        batch: list[tuple[Push, asyncio.Future[PushResult]]] = []
         changes = 0
         while self._queue and len(batch) < self.max_batch_pushes:
             push = self._queue[0][0]

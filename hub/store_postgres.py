@@ -42,7 +42,7 @@ from .errors import (
     ResetRequired,
     Unavailable,
 )
-from .merge import RecordState, apply_delete, apply_upsert
+from .merge import FieldState, RecordState, apply_delete, apply_upsert
 from .protocol import PullQuery
 from .types import Cursor, Delta, PullPage, Push, PushResult
 
@@ -331,7 +331,7 @@ class PostgresStore:
                     if record is None:
                         record = state[(u, c, i)] = RecordState(deleted_hlc=deleted_hlc)
                     if name is not None:
-                        record.fields[name] = _Stored(stamp)
+                        record.fields[name] = FieldState(None, stamp)  # the value is not read
             plan = _Plan()
             results = [_merge(p, versions, receipts, state, plan) for p in pushes]
             await con.execute(WRITE, *plan.arguments())
@@ -382,16 +382,6 @@ class PostgresStore:
             },
             "devices": [r["device"] for r in devices],
         }
-
-
-class _Stored:
-    """A stored field as the merge sees it: only the stamp is read, not the value."""
-
-    __slots__ = ("hlc", "value")
-
-    def __init__(self, hlc: str) -> None:
-        self.hlc = hlc
-        self.value = None
 
 
 def _merge(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -347,3 +348,42 @@ async def test_sigterm_closes_connections_with_1012_and_exits_in_time(hub_factor
         assert "reconnect in" in (d.ws.close_reason or "")
     hub.proc.wait(15)
     assert time.monotonic() - started < 10
+
+
+async def test_workers_share_one_port_with_an_embedded_redis(hub_factory):
+    """`hub serve --workers 2` with no HUB_REDIS_URL: two processes on one port,
+    fanning out through a Redis-compatible server it starts itself."""
+    hub = hub_factory(args=["--workers", "2"])
+    assert any("embedded Redis-compatible server" in line for line in hub.stdout_lines)
+
+    def workers() -> list[str]:
+        children = Path(f"/proc/{hub.proc.pid}/task/{hub.proc.pid}/children").read_text().split()
+        cmdlines = [Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0") for c in children]
+        return [c for c, cmd in zip(children, cmdlines, strict=True) if b"--listen-fd" in cmd]
+
+    await wait_for(lambda: len(workers()) == 2, timeout=20)
+    user = new_user()
+    devices = [
+        await wait_for(lambda i=i: _try_connect(hub, user, f"d{i}"), timeout=20) for i in range(4)
+    ]
+    async with httpx.AsyncClient(timeout=10) as client:
+        health = (await client.get(f"{hub.url}/health")).json()
+    assert health["checks"]["broker"] == {**health["checks"]["broker"], "ok": True, "kind": "redis"}
+    ack = await devices[0].push([change("t1", stamp(), title="hello")])
+    for d in devices[1:]:
+        event = await d.expect("change")
+        assert event["version"] == ack["version"]
+    for d in devices:
+        await d.close()
+    started = time.monotonic()
+    hub.proc.send_signal(signal.SIGTERM)
+    hub.proc.wait(20)
+    assert time.monotonic() - started < 15
+    assert workers_gone(workers)
+
+
+def workers_gone(workers) -> bool:
+    try:
+        return workers() == []
+    except FileNotFoundError:
+        return True

@@ -1,0 +1,168 @@
+"""One conformance suite for every broker: the guarantees of hub/broker.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as redis
+from support import new_user, wait_for
+
+from hub.broker import Broker
+from hub.broker_memory import MemoryBroker
+from hub.broker_redis import RedisBroker
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, payload: bytes) -> None:
+        self.items.append(payload)
+        self.arrived.set()
+
+    async def next(self, timeout: float = 5.0) -> bytes:
+        await wait_for(lambda: self.items, timeout)
+        return self.items.pop(0)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def pair(request, redis_url) -> AsyncIterator[tuple[Broker, Broker]]:
+    """A publishing and a subscribing side: one broker for memory (one process
+    is its whole world), two for Redis (as two hub processes)."""
+    if request.param == "memory":
+        broker = MemoryBroker()
+        await broker.start()
+        yield broker, broker
+        await broker.close()
+        return
+    a, b = RedisBroker(redis_url), RedisBroker(redis_url)
+    await a.start()
+    await b.start()
+    await wait_for(lambda: a.connected and b.connected)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def subscribed(broker: Broker, user: str, handler: Callable[[bytes], None]) -> None:
+    await asyncio.wait_for(broker.subscribe(user, handler), 5)
+
+
+async def test_a_subscriber_gets_what_is_published_for_its_user_in_order(pair):
+    publisher, subscriber = pair
+    user = new_user()
+    inbox = Inbox()
+    await subscribed(subscriber, user, inbox)
+    for i in range(50):
+        publisher.publish(user, f"event-{i}".encode())
+    received = [await inbox.next() for _ in range(50)]
+    assert received == [f"event-{i}".encode() for i in range(50)]
+
+
+async def test_a_subscriber_never_gets_another_users_events(pair):
+    publisher, subscriber = pair
+    alice, bob = new_user(), new_user()
+    inbox = Inbox()
+    await subscribed(subscriber, bob, inbox)
+    publisher.publish(alice, b"for alice")
+    publisher.publish(bob, b"for bob")
+    assert await inbox.next() == b"for bob"
+    publisher.publish(bob, b"again")
+    assert await inbox.next() == b"again"
+    assert inbox.items == []
+
+
+async def test_unsubscribe_stops_delivery(pair):
+    publisher, subscriber = pair
+    user, marker_user = new_user(), new_user()
+    inbox, marker = Inbox(), Inbox()
+    await subscribed(subscriber, user, inbox)
+    await subscribed(subscriber, marker_user, marker)
+    subscriber.unsubscribe(user)
+    # Unsubscribing is asynchronous on the wire; once a later subscription of
+    # the same connection works, the earlier unsubscribe has been processed.
+    await subscribed(subscriber, new_user(), Inbox())
+    publisher.publish(user, b"too late")
+    publisher.publish(marker_user, b"marker")
+    assert await marker.next() == b"marker"
+    assert inbox.items == []
+
+
+async def test_probe_is_ok_while_the_transport_works(pair):
+    publisher, subscriber = pair
+    for broker in (publisher, subscriber):
+        report = await broker.probe(2.0)
+        assert report["ok"] is True and report["kind"] == broker.kind
+
+
+async def test_payloads_are_delivered_byte_for_byte(pair):
+    publisher, subscriber = pair
+    user = new_user()
+    inbox = Inbox()
+    await subscribed(subscriber, user, inbox)
+    payload = bytes(range(256)) * 300
+    publisher.publish(user, payload)
+    assert await inbox.next() == payload
+
+
+async def test_redis_subscription_comes_back_after_client_kill(redis_url):
+    """A killed pub/sub connection (CLIENT KILL TYPE pubsub) is noticed, and the
+    broker subscribes again by itself."""
+    publisher, subscriber = RedisBroker(redis_url), RedisBroker(redis_url)
+    await publisher.start()
+    await subscriber.start()
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        user = new_user()
+        inbox = Inbox()
+        await subscribed(subscriber, user, inbox)
+        publisher.publish(user, b"before")
+        assert await inbox.next() == b"before"
+        reconnects = subscriber.reconnects
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await wait_for(lambda: subscriber.reconnects > reconnects, timeout=10)
+
+        async def delivered() -> bool:
+            publisher.publish(user, b"after")
+            try:
+                await asyncio.wait_for(inbox.arrived.wait(), 0.3)
+            except TimeoutError:
+                return False
+            return b"after" in inbox.items
+
+        inbox.arrived.clear()
+        await wait_for(delivered, timeout=15, interval=0.1)
+        assert (await subscriber.probe(2.0))["ok"] is True
+    finally:
+        await admin.aclose()
+        await publisher.close()
+        await subscriber.close()
+
+
+async def test_redis_broker_reports_an_outage_and_never_raises_on_publish():
+    from support import restartable_redis
+
+    with restartable_redis() as server:
+        broker = RedisBroker(server.url)
+        await broker.start()
+        try:
+            await wait_for(lambda: broker.connected)
+            assert (await broker.probe(2.0))["ok"] is True
+            server.stop()
+            await wait_for(lambda: not broker.connected, timeout=10)
+            broker.publish(new_user(), b"lost")  # dropped, at most once; no exception
+            assert (await broker.probe(0.5))["ok"] is False
+            server.start()
+            await wait_for(lambda: broker.connected, timeout=15)
+            report = await wait_for(lambda: _ok_probe(broker), timeout=10, interval=0.1)
+            assert report["ok"] is True
+        finally:
+            await broker.close()
+
+
+async def _ok_probe(broker: RedisBroker):
+    report = await broker.probe(0.5)
+    return report if report["ok"] else None
