@@ -32,6 +32,9 @@ Handler = Callable[[bytes], None]
 
 class Broker(Protocol):
     kind: str
+    #: False when every subscriber lives in this process: the coordinators
+    #: deliver locally already, so publishing would only make echoes.
+    spans_processes: bool
 
     async def start(self) -> None: ...
 

@@ -17,6 +17,7 @@ class MemoryBroker:
     """Delivers on the next turn of the event loop, in publish order."""
 
     kind = "memory"
+    spans_processes = False
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}

@@ -42,6 +42,7 @@ def channel(user: str) -> bytes:
 
 class RedisBroker:
     kind = "redis"
+    spans_processes = True
 
     def __init__(self, url: str, *, process_id: str | None = None) -> None:
         self._url = url

@@ -194,7 +194,8 @@ class Coordinators:
         coordinator = self.users.get(push.user)
         if coordinator is not None:
             self._count(coordinator.deliver(event))
-        self.broker.publish(push.user, event.to_wire())
+        if self.broker.spans_processes:
+            self.broker.publish(push.user, event.to_wire())
         self.events_published += 1
 
     def _event(self, push: Push, origin: str | None, result: PushResult) -> Event:

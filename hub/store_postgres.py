@@ -86,16 +86,18 @@ SELECT user_id, version FROM hub_users WHERE user_id = ANY($1::text[])
 ORDER BY user_id FOR UPDATE
 """
 
-READ_RECEIPTS = f"""
-SELECT r.user_id, r.scope, r.key, r.digest, r.response
+# Receipts of the keyed pushes and the stored stamps of every touched record,
+# in one round trip: kind 'r' rows are receipts (digest, response); kind 's'
+# rows are a record's fields (name, stamp) with its delete stamp in the last column.
+READ = f"""
+SELECT 'r' AS kind, r.user_id, r.scope, r.key, NULL AS field, NULL AS hlc, r.digest,
+       r.response::text AS response
 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(u, s, key)
 JOIN hub_receipts r ON r.user_id = k.u AND r.scope = k.s AND r.key = k.key
 WHERE r.created_at > now() - interval '{RECEIPT_TTL}'
-"""
-
-READ_STATE = """
-SELECT k.u, k.c, k.i, r.deleted_hlc, f.field, f.hlc
-FROM unnest($1::text[], $2::text[], $3::text[]) AS k(u, c, i)
+UNION ALL
+SELECT 's', k.u, k.c, k.i, f.field, f.hlc, NULL, r.deleted_hlc
+FROM unnest($4::text[], $5::text[], $6::text[]) AS k(u, c, i)
 JOIN hub_records r ON r.user_id = k.u AND r.collection = k.c AND r.record_id = k.i
 LEFT JOIN hub_fields f ON f.user_id = k.u AND f.collection = k.c AND f.record_id = k.i
 """
@@ -247,6 +249,10 @@ class _Plan:
         ]
 
 
+def _columns3(rows: Sequence[tuple[str, str, str | None]]) -> list[list[Any]]:
+    return [list(col) for col in _columns(rows, 3)]
+
+
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[tuple[Any, ...]]:
     if not rows:
         return [()] * width
@@ -317,21 +323,23 @@ class PostgresStore:
         keyed = [(p.user, p.scope, p.key) for p in pushes if p.key is not None]
         touched = sorted({(p.user, c.collection, c.record_id) for p in pushes for c in p.changes})
         async with self.pool.acquire() as con, con.transaction():
-            await con.execute(INSERT_USERS, users)
-            versions = {r[0]: r[1] for r in await con.fetch(LOCK_USERS, users)}
+            rows = await con.fetch(LOCK_USERS, users)
+            if len(rows) < len(users):  # first pushes of new users: create, then lock all
+                await con.execute(INSERT_USERS, users)
+                rows = await con.fetch(LOCK_USERS, users)
+            versions = {r[0]: r[1] for r in rows}
             receipts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
-            if keyed:
-                rows = await con.fetch(READ_RECEIPTS, *map(list, zip(*keyed, strict=True)))
-                receipts = {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
             state: dict[tuple[str, str, str], RecordState] = {}
-            if touched:
-                rows = await con.fetch(READ_STATE, *map(list, zip(*touched, strict=True)))
-                for u, c, i, deleted_hlc, name, stamp in rows:
-                    record = state.get((u, c, i))
-                    if record is None:
-                        record = state[(u, c, i)] = RecordState(deleted_hlc=deleted_hlc)
-                    if name is not None:
-                        record.fields[name] = FieldState(None, stamp)  # the value is not read
+            rows = await con.fetch(READ, *_columns3(keyed), *_columns3(touched))
+            for kind, u, a, b, name, stamp, digest, text in rows:
+                if kind == "r":
+                    receipts[(u, a, b)] = (digest, text)
+                    continue
+                record = state.get((u, a, b))
+                if record is None:
+                    record = state[(u, a, b)] = RecordState(deleted_hlc=text)
+                if name is not None:
+                    record.fields[name] = FieldState(None, stamp)  # the value is not read
             plan = _Plan()
             results = [_merge(p, versions, receipts, state, plan) for p in pushes]
             await con.execute(WRITE, *plan.arguments())
