@@ -21,7 +21,8 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import http
 from .auth import Authenticator
@@ -135,7 +136,7 @@ def create_app(
     database_url: str,
     jwt_secret: str,
     on_ready: Callable[[], None] | None = None,
-) -> Starlette:
+) -> HubApp:
     """The hub as an ASGI app; ``database_url`` and ``jwt_secret`` are resolved by the caller."""
 
     @contextlib.asynccontextmanager
@@ -164,7 +165,6 @@ def create_app(
         Route("/v1/sync/push", http.push, methods=["POST"]),
         Route("/v1/sync/pull", http.pull, methods=["GET"]),
         Route("/v1/sync/status", http.status, methods=["GET"]),
-        WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/health", http.health, methods=["GET"]),
         Route("/health/live", http.live, methods=["GET"]),
     ]
@@ -173,4 +173,19 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: http.http_exception},
     )
-    return app
+    return HubApp(app)
+
+
+class HubApp:
+    """The ASGI entry: ``/v1/ws`` goes straight to the session (the hot path
+    needs no routing or middleware per message); everything else to Starlette."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+            await websocket_endpoint(self.state.hub, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

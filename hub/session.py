@@ -23,7 +23,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import Receive, Scope, Send
 
 from . import protocol
 from .auth import bearer_token
@@ -53,17 +54,19 @@ MAX_PULL_ANSWER_BYTES = 1024 * 1024 - 1024
 class Session:
     """A connection's state; also the coordinator's :class:`~hub.coordinator.Receiver`."""
 
-    def __init__(self, hub: Hub, websocket: WebSocket) -> None:
+    def __init__(self, hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
         self.hub = hub
-        self.ws = websocket
+        self.headers = Headers(scope=scope)
+        self.query = QueryParams(scope.get("query_string", b""))
+        self._receive = receive
+        self._send = send
+        self._sending = False  # a send is under way (suspended on a busy socket)
         self.id = "c-" + secrets.token_hex(8)
         self.user = ""
         self.device = ""
         self.notify_only = False
         self.principal: Principal | None = None
         self._queue: deque[str] = deque()
-        self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
         self._closing: tuple[int, str] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -72,17 +75,46 @@ class Session:
     # -- the coordinator's side ------------------------------------------------
 
     def deliver(self, text: str) -> None:
+        """Send at once when the socket takes it, else queue (bounded) for the writer."""
         if self._closing is not None:
             return
-        limits = self.hub.settings
-        if len(self._queue) >= limits.send_queue_size:
-            self.hub.metrics_slow_closes += 1
-            log.info("closing a slow connection", extra={"connection": self.id})
-            self.close_soon(WS_1013_TOO_SLOW, "too slow; reconnect and pull")
+        if self._sending or self._queue:
+            if len(self._queue) >= self.hub.settings.send_queue_size:
+                self.hub.metrics_slow_closes += 1
+                log.info("closing a slow connection", extra={"connection": self.id})
+                self.close_soon(WS_1013_TOO_SLOW, "too slow; reconnect and pull")
+                return
+            self._queue.append(text)
             return
-        self._queue.append(text)
-        self._queued_bytes += len(text)
-        self._wakeup.set()
+        self._send_eagerly(text)
+
+    def _send_eagerly(self, text: str) -> None:
+        """Run the ASGI send until it first suspends, without a task switch.
+
+        uvicorn's send only suspends while the socket is not writable; in the
+        common case it writes and returns at once. Only when it suspends is a
+        writer task made, which finishes that send and drains the queue. (What
+        Python 3.12's eager tasks do, by hand.)
+        """
+        coro = self._send({"type": "websocket.send", "text": text})
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:  # the client is gone; the reader sees the disconnect
+            return
+        self._sending = True
+        self._writer = asyncio.get_running_loop().create_task(self._finish(coro, waiting))
+
+    async def _finish(self, coro: Any, waiting: Any) -> None:
+        try:
+            await _resume(coro, waiting)
+            while self._queue and self._closing is None:
+                await self._send({"type": "websocket.send", "text": self._queue.popleft()})
+        except Exception:
+            return  # the client is gone; the reader sees the disconnect
+        finally:
+            self._sending = False
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close with ``code``; queued messages are dropped."""
@@ -90,8 +122,6 @@ class Session:
             return
         self._closing = (code, reason)
         self._queue.clear()
-        self._queued_bytes = 0
-        self._wakeup.set()
         if self.user:
             self.hub.coordinators.detach(self)  # no more events for a closing connection
         # A writer stuck sending to a client that does not read would never get
@@ -104,25 +134,28 @@ class Session:
         assert self._closing is not None
         code, reason = self._closing
         with contextlib.suppress(Exception):
-            await self.ws.send({"type": "websocket.close", "code": code, "reason": reason})
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def run(self) -> None:
         hub = self.hub
-        origin = self.ws.headers.get("origin")
+        connect = await self._receive()
+        if connect["type"] != "websocket.connect":
+            return
+        origin = self.headers.get("origin")
         if origin is not None and origin not in hub.settings.allowed_origins:
             log.info("refused an upgrade from a foreign origin", extra={"origin": origin[:200]})
-            await self.ws.close()  # before accept: the upgrade is answered with 403
+            await self._send({"type": "websocket.close"})  # before accept: HTTP 403
             return
-        await self.ws.accept()
+        await self._send({"type": "websocket.accept"})
         try:
             auth = await self._authenticate()
         except HubError as exc:
             hub.count_auth_failure(exc.code)
             await self._close_now(WS_4001_UNAUTHENTICATED, exc.message[:120])
             return
-        except (TimeoutError, WebSocketDisconnect):
+        except (TimeoutError, Disconnected):
             if not self._closing:
                 await self._close_now(WS_4001_UNAUTHENTICATED, "no auth message in time")
             return
@@ -146,9 +179,7 @@ class Session:
                 "version": version,
                 "heartbeat_s": hub.settings.heartbeat_s,
             }
-            self._queue.appendleft(orjson.dumps(welcome).decode())
-            self._wakeup.set()
-            self._writer = asyncio.create_task(self._write_loop())
+            self.deliver(orjson.dumps(welcome).decode())
             await self._read_loop()
         except Exception:
             log.exception("connection failed", extra={"connection": self.id})
@@ -166,17 +197,17 @@ class Session:
 
     async def _authenticate(self) -> tuple[Principal, str, str]:
         hub = self.hub
-        params = self.ws.query_params
-        if "authorization" in self.ws.headers:
-            principal = hub.authenticator.authenticate(bearer_token(self.ws.headers))
+        params = self.query
+        if "authorization" in self.headers:
+            principal = hub.authenticator.authenticate(bearer_token(self.headers))
             device = params.get("device")
             mode = params.get("mode", "events")
             if mode not in protocol.MODES:
                 raise BadRequest("'mode' must be 'events' or 'notify'")
         else:
-            message = await asyncio.wait_for(self.ws.receive(), hub.settings.auth_timeout_s)
+            message = await asyncio.wait_for(self._receive(), hub.settings.auth_timeout_s)
             if message["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(message.get("code", 1000))
+                raise Disconnected()
             auth = protocol.parse_auth(protocol.loads(_payload(message)))
             principal = hub.authenticator.authenticate(auth.token)
             device, mode = auth.device or params.get("device"), auth.mode
@@ -208,28 +239,11 @@ class Session:
         left = max(0, int(expires_at - time.time()))
         self.deliver(orjson.dumps({"type": "auth_expiring", "expires_in_s": left}).decode())
 
-    # -- writing -----------------------------------------------------------------
-
-    async def _write_loop(self) -> None:
-        send = self.ws.send
-        queue = self._queue
-        try:
-            while self._closing is None:
-                if not queue:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                text = queue.popleft()
-                self._queued_bytes -= len(text)
-                await send({"type": "websocket.send", "text": text})
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            return  # the client is gone; the reader sees the disconnect
-
     # -- reading -----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         while True:
-            message = await self.ws.receive()
+            message = await self._receive()
             if message["type"] == "websocket.disconnect":
                 return
             self._handle(_payload(message))
@@ -334,7 +348,33 @@ def _payload(message: Any) -> str | bytes:
     return bytes(data) if data is not None else b""
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    """``GET /v1/ws``"""
-    hub: Hub = websocket.app.state.hub
-    await Session(hub, websocket).run()
+async def _resume(coro: Any, waiting: Any) -> None:
+    """Drive a coroutine that suspended on ``waiting`` (a future, or None for a
+    bare yield) to its end, as a task would have."""
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                # As a task does with a future yielded to it: take over the wait.
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except BaseException as exc:  # cancelled: let the coroutine clean up
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+
+
+class Disconnected(Exception):
+    """The client went away before it authenticated."""
+
+
+async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /v1/ws``, as a bare ASGI handler: the hot path skips the framework."""
+    await Session(hub, scope, receive, send).run()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -238,11 +240,23 @@ async def connect(
     *,
     token: str | None = None,
     query: str = "",
+    rcvbuf: int | None = None,
     **kwargs: Any,
 ) -> Device:
-    """Open a WebSocket with header auth and read the welcome."""
+    """Open a WebSocket with header auth and read the welcome.
+
+    ``rcvbuf`` fixes the client socket's receive buffer (the kernel would
+    otherwise grow it to tens of MiB), for tests of a client that stops reading.
+    """
     from websockets.asyncio.client import connect as ws_connect
 
+    if rcvbuf is not None:
+        host, port = hub.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        kwargs["sock"] = sock
     ws = await ws_connect(
         f"{hub.ws_url}?device={device}{query}",
         additional_headers={"Authorization": f"Bearer {token or token_for(user)}"},
@@ -298,3 +312,56 @@ def restartable_redis() -> Iterator[RestartableRedis]:
         yield server
     finally:
         server.stop()
+
+
+class StalledClient:
+    """A WebSocket client that completes the handshake and then reads nothing,
+    as a device that stopped reading: the hub's writes pile up in the kernel
+    buffers (kept small here) and then in the hub."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, hub: HubProcess, user: str, device: str) -> StalledClient:
+        host, port = hub.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        writer.write(
+            (
+                f"GET /v1/ws?device={device} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {token_for(user)}\r\n\r\n"
+            ).encode()
+        )
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert status.startswith(b"HTTP/1.1 101"), status
+        return cls(reader, writer)
+
+    async def close_code(self, timeout: float = 30.0) -> int | None:
+        """Read (now) everything the hub sent, frame by frame; the close code, if any."""
+
+        async def frames() -> int | None:
+            while True:
+                head = await self.reader.readexactly(2)
+                opcode, length = head[0] & 0x0F, head[1] & 0x7F
+                if length == 126:
+                    length = int.from_bytes(await self.reader.readexactly(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(await self.reader.readexactly(8), "big")
+                payload = await self.reader.readexactly(length)
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+
+        try:
+            return await asyncio.wait_for(frames(), timeout)
+        except asyncio.IncompleteReadError:
+            return None
+        finally:
+            self.writer.close()

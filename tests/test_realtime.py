@@ -13,6 +13,7 @@ import orjson
 import pytest
 from support import (
     Device,
+    StalledClient,
     change,
     connect,
     new_user,
@@ -261,8 +262,7 @@ async def _try_connect(hub, user, device):
 async def test_a_connection_that_stops_reading_is_closed_with_1013(hub_factory):
     hub = hub_factory({"HUB_SEND_QUEUE_SIZE": "8"})
     user = new_user()
-    # max_queue=1 and a small read limit make the client stop reading from its socket.
-    slow = await connect(hub, user, "slow", max_queue=1)
+    slow = await StalledClient.open(hub, user, "slow")
     fast = await connect(hub, user, "fast")
     pusher = await connect(hub, user, "pusher")
     value = "v" * 50_000
@@ -273,12 +273,13 @@ async def test_a_connection_that_stops_reading_is_closed_with_1013(hub_factory):
         event = await fast.expect("change")
         assert event["version"] == ack["version"]
         if i % 10 == 0:
-            health = httpx.get(f"{hub.url}/health", timeout=10).json()
+            async with httpx.AsyncClient(timeout=10) as client:
+                health = (await client.get(f"{hub.url}/health")).json()
             if health["connections"] == 2:
                 closed = True
                 break
     assert closed, "the slow connection was never closed"
-    assert await closed_with(slow, timeout=30) == 1013
+    assert await slow.close_code() == 1013
     # The others go on.
     ack = await pusher.push([change("after", stamp(), x=1)])
     assert (await fast.expect("change"))["version"] == ack["version"]
