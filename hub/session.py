@@ -96,7 +96,7 @@ class Session:
         writer task made, which finishes that send and drains the queue. (What
         Python 3.12's eager tasks do, by hand.)
         """
-        coro = self._send({"type": "websocket.send", "text": text})
+        coro: Any = self._send({"type": "websocket.send", "text": text})
         try:
             waiting = coro.send(None)
         except StopIteration:
