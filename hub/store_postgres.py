@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from orjson import Fragment
 
 from .errors import (
     HubError,
@@ -53,6 +55,8 @@ log = logging.getLogger("hub.store")
 SCHEMA_LOCK = 0x6875625F736368  # advisory lock id held while the schema is applied
 
 RECEIPT_TTL = "24 hours"
+DEVICE_SEEN_S = 60.0  # last_seen is kept to about this precision
+SEEN_DEVICES_MAX = 100_000
 
 # Failures of the connection or the server as a whole: no push is at fault.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -102,14 +106,16 @@ JOIN hub_records r ON r.user_id = k.u AND r.collection = k.c AND r.record_id = k
 LEFT JOIN hub_fields f ON f.user_id = k.u AND f.collection = k.c AND f.record_id = k.i
 """
 
+# Everything a batch writes, in one statement. The rows come as JSON arrays
+# (one parameter per table): field values and actors are embedded as they
+# are, without being decoded, and PostgreSQL parses them straight into jsonb.
 WRITE = """
 WITH fields AS (
     INSERT INTO hub_fields AS t
         (user_id, collection, record_id, field, value, hlc, version, device, origin, actor)
-    SELECT u, c, i, n, val::jsonb, h, v, d, o, a::jsonb
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::bigint[], $8::text[], $9::text[], $10::text[])
-        AS x(u, c, i, n, val, h, v, d, o, a)
+    SELECT e->>0, e->>1, e->>2, e->>3, (e->4)::jsonb, e->>5, (e->>6)::bigint, e->>7, e->>8,
+           nullif((e->9)::jsonb, 'null')
+    FROM json_array_elements($1::json) AS e
     ON CONFLICT (user_id, collection, record_id, field) DO UPDATE
         SET value = excluded.value, hlc = excluded.hlc, version = excluded.version,
             device = excluded.device, origin = excluded.origin, actor = excluded.actor
@@ -118,9 +124,9 @@ WITH fields AS (
 ), records AS (
     INSERT INTO hub_records AS t
         (user_id, collection, record_id, deleted_hlc, deleted_at, version, device, origin, actor)
-    SELECT u, c, i, dh, CASE WHEN dh IS NULL THEN NULL ELSE now() END, v, d, o, a::jsonb
-    FROM unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[],
-                $16::text[], $17::text[], $18::text[]) AS x(u, c, i, dh, v, d, o, a)
+    SELECT e->>0, e->>1, e->>2, e->>3, CASE WHEN e->>3 IS NULL THEN NULL ELSE now() END,
+           (e->>4)::bigint, e->>5, e->>6, nullif((e->7)::jsonb, 'null')
+    FROM json_array_elements($2::json) AS e
     ON CONFLICT (user_id, collection, record_id) DO UPDATE
         SET deleted_hlc = excluded.deleted_hlc, deleted_at = excluded.deleted_at,
             version = excluded.version, device = excluded.device,
@@ -128,21 +134,20 @@ WITH fields AS (
         WHERE excluded.deleted_hlc > coalesce(t.deleted_hlc, '')
     RETURNING 1
 ), users AS (
-    UPDATE hub_users AS t SET version = x.v
-    FROM unnest($19::text[], $20::bigint[]) AS x(u, v)
-    WHERE t.user_id = x.u
+    UPDATE hub_users AS t SET version = (e->>1)::bigint
+    FROM json_array_elements($3::json) AS e
+    WHERE t.user_id = e->>0
     RETURNING 1
 ), receipts AS (
     INSERT INTO hub_receipts (user_id, scope, key, digest, response)
-    SELECT u, s, k, dg, r::jsonb
-    FROM unnest($21::text[], $22::text[], $23::text[], $24::bytea[], $25::text[])
-        AS x(u, s, k, dg, r)
+    SELECT e->>0, e->>1, e->>2, decode(e->>3, 'hex'), (e->4)::jsonb
+    FROM json_array_elements($4::json) AS e
     ON CONFLICT (user_id, scope, key) DO UPDATE
         SET digest = excluded.digest, response = excluded.response, created_at = now()
     RETURNING 1
 ), devices AS (
     INSERT INTO hub_devices AS t (user_id, device)
-    SELECT u, d FROM unnest($26::text[], $27::text[]) AS x(u, d)
+    SELECT e->>0, e->>1 FROM json_array_elements($5::json) AS e
     ON CONFLICT (user_id, device) DO UPDATE SET last_seen = now()
         WHERE t.last_seen < now() - interval '1 minute'
     RETURNING 1
@@ -227,26 +232,34 @@ class _Plan:
     receipts: dict[tuple[str, str, str], tuple[bytes, str]] = field(default_factory=dict)
     devices: set[tuple[str, str]] = field(default_factory=set)
 
-    def arguments(self) -> list[list[Any]]:
-        f_keys = list(self.fields)
-        f_vals = [self.fields[k] for k in f_keys]
-        r_keys = list(self.records)
-        r_vals = [self.records[k] for k in r_keys]
-        rc_keys = list(self.receipts)
-        rc_vals = [self.receipts[k] for k in rc_keys]
-        devices = sorted(self.devices)
-        return [
-            *(list(col) for col in _columns(f_keys, 4)),
-            *(list(col) for col in _columns(f_vals, 6)),
-            *(list(col) for col in _columns(r_keys, 3)),
-            *(list(col) for col in _columns(r_vals, 5)),
-            list(self.versions),
-            list(self.versions.values()),
-            *(list(col) for col in _columns(rc_keys, 3)),
-            *(list(col) for col in _columns(rc_vals, 2)),
-            [u for u, _ in devices],
-            [d for _, d in devices],
+    def arguments(self) -> list[str]:
+        """The five JSON parameters of WRITE."""
+        fields = [
+            [*key, Fragment(value), hlc, version, device, origin, _fragment(actor)]
+            for key, (value, hlc, version, device, origin, actor) in self.fields.items()
         ]
+        records = [
+            [*key, deleted_hlc, version, device, origin, _fragment(actor)]
+            for key, (deleted_hlc, version, device, origin, actor) in self.records.items()
+        ]
+        receipts = [
+            [*key, digest.hex(), Fragment(response)]
+            for key, (digest, response) in self.receipts.items()
+        ]
+        return [
+            orjson.dumps(rows).decode()
+            for rows in (
+                fields,
+                records,
+                list(self.versions.items()),
+                receipts,
+                sorted(self.devices),
+            )
+        ]
+
+
+def _fragment(text: str | None) -> Fragment | None:
+    return None if text is None else Fragment(text)
 
 
 def _columns3(rows: Sequence[tuple[str, str, str | None]]) -> list[list[Any]]:
@@ -264,6 +277,9 @@ class PostgresStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Devices this process recorded lately: their last_seen is fresh enough,
+        # so batches need not send them again (bounded; cleared when full).
+        self._seen_devices: dict[tuple[str, str], float] = {}
 
     @classmethod
     async def connect(
@@ -342,8 +358,19 @@ class PostgresStore:
                     record.fields[name] = FieldState(None, stamp)  # the value is not read
             plan = _Plan()
             results = [_merge(p, versions, receipts, state, plan) for p in pushes]
+            plan.devices = self._unseen(plan.devices)
             await con.execute(WRITE, *plan.arguments())
+        now = time.monotonic()
+        for device in plan.devices:  # committed: recorded for the next minute
+            self._seen_devices[device] = now
         return results
+
+    def _unseen(self, devices: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        now = time.monotonic()
+        seen = self._seen_devices
+        if len(seen) > SEEN_DEVICES_MAX:
+            seen.clear()
+        return {d for d in devices if now - seen.get(d, -DEVICE_SEEN_S) >= DEVICE_SEEN_S}
 
     # -- pull ------------------------------------------------------------
 
