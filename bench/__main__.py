@@ -1,0 +1,68 @@
+"""``python -m bench <workload> [options]`` (what ``scripts/bench`` runs).
+
+Runs one workload, writes its result as JSON under ``bench/results/`` and
+prints it as a table. ``--help`` lists the workloads; ``<workload> --help``
+their options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import fanout, push
+from .report import Report
+
+Runner = Callable[[argparse.Namespace], Report]
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmarks of the hub. Each workload starts the servers it needs, "
+        "measures several runs, prints the medians and writes the result as JSON to "
+        "bench/results/.",
+    )
+    sub = top.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    workloads: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
+        (
+            "push",
+            "HTTP push latency, bulk changes/s and concurrent pushes/s against a real hub, "
+            "next to the bare PostgreSQL unnest-upsert ceiling",
+            push.add_arguments,
+            push.run,
+        ),
+        (
+            "relay",
+            "WebSocket fan-out through the bare Starlette relay: saturation deliveries/s, "
+            "latency at half load, deliveries per server CPU-second",
+            fanout.add_relay_arguments,
+            fanout.run_relay,
+        ),
+        (
+            "fanout",
+            "the relay workload's phases against a real hub and the bare relay in one run, "
+            "with correctness checks and the hub/relay ratio",
+            fanout.add_fanout_arguments,
+            fanout.run_fanout,
+        ),
+    ]
+    for name, help_text, add_arguments, runner in workloads:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=runner)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    report: Report = args.run(args)
+    path = report.write()
+    print(report.table())
+    print(f"result: {path}")
+    return 0 if report.valid else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

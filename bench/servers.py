@@ -1,0 +1,198 @@
+"""The servers under test, each a real process on a free 127.0.0.1 port.
+
+- :func:`start_hub`: ``python -m hub serve`` with ``HUB_PORT=0``; ready when it
+  prints ``hub: listening on http://HOST:PORT``.
+- :func:`start_relay`: the bare relay (:mod:`bench.relay_starlette`) under the
+  ``uvicorn`` command line with the same server stack as the hub (uvloop,
+  httptools, websockets-sansio); ready when uvicorn logs ``Uvicorn running on``.
+
+Their output goes to a log file; a server that does not become ready in time
+is killed and the error shows the end of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = ["READY_TIMEOUT_S", "ServerProcess", "start_hub", "start_relay"]
+
+READY_TIMEOUT_S = 30.0
+REPO = Path(__file__).resolve().parent.parent
+HUB_READY = re.compile(r"hub: listening on (http://\S+)")
+UVICORN_READY = re.compile(r"Uvicorn running on (http://\S+)")
+
+
+@dataclass
+class ServerProcess:
+    """A running server: its process, base URL (``http://127.0.0.1:PORT``) and log."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    url: str
+    log_path: Path
+    _pump: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def ws_url(self, path: str) -> str:
+        return self.url.replace("http://", "ws://", 1) + path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """Ask it to stop (SIGTERM); kill it when it takes longer than ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._pump is not None:
+            self._pump.join(5)
+        return self.proc.returncode
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _spawn(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    ready: re.Pattern[str],
+    ready_on_stderr: bool,
+) -> ServerProcess:
+    """Start ``command``; wait for a line matching ``ready`` (group 1: the URL)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 - closed by the pump when the stream ends
+    proc = subprocess.Popen(
+        command,
+        stdout=log if ready_on_stderr else subprocess.PIPE,
+        stderr=subprocess.PIPE if ready_on_stderr else log,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        cwd=str(REPO),
+    )
+    stream: IO[str] | None = proc.stderr if ready_on_stderr else proc.stdout
+    assert stream is not None
+    found: list[str] = []
+    ready_event = threading.Event()
+
+    def pump() -> None:
+        # Copy the stream into the log until the process ends, noting the ready line.
+        for line in stream:
+            log.write(line)
+            log.flush()
+            match = ready.search(line)
+            if match and not found:
+                found.append(match.group(1))
+                ready_event.set()
+        ready_event.set()
+        log.close()
+
+    thread = threading.Thread(target=pump, name=f"{name}-log", daemon=True)
+    thread.start()
+    if not ready_event.wait(READY_TIMEOUT_S) or not found:
+        proc.kill()
+        proc.wait(5)
+        thread.join(5)
+        raise RuntimeError(
+            f"{name} did not start within {READY_TIMEOUT_S:.0f}s; its log ({log_path}):\n"
+            + log_path.read_text(errors="replace")[-4000:]
+        )
+    return ServerProcess(name, proc, found[0], log_path, thread)
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_hub(
+    database_url: str,
+    jwt_secret: str,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """A hub process on the given database, with an HS256 secret, on a free port."""
+    env = _base_env()
+    env.update(
+        {
+            "HUB_DATABASE_URL": database_url,
+            "HUB_JWT_SECRET": jwt_secret,
+            "HUB_HOST": "127.0.0.1",
+            "HUB_PORT": "0",
+            "HUB_DATA_DIR": str(log_dir / "hub-data"),
+            "HUB_LOG_LEVEL": "warning",
+        }
+    )
+    env.update(extra_env or {})
+    return _spawn(
+        "hub",
+        [sys.executable, "-m", "hub", "serve"],
+        env,
+        log_dir / "hub.log",
+        HUB_READY,
+        ready_on_stderr=False,
+    )
+
+
+# The uvicorn options the hub sets in hub/cli.py, so that both servers run the
+# same stack and only the application differs.
+RELAY_COMMAND = [
+    "-m",
+    "uvicorn",
+    "bench.relay_starlette:app",
+    "--host",
+    "127.0.0.1",
+    "--port",
+    "0",
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--ws",
+    "websockets-sansio",
+    "--ws-max-size",
+    str(1024 * 1024),
+    "--ws-per-message-deflate",
+    "false",
+    "--ws-ping-interval",
+    "0",
+    "--backlog",
+    "4096",
+    "--no-access-log",
+    "--no-server-header",
+    "--log-level",
+    "info",
+]
+
+
+def start_relay(log_dir: Path) -> ServerProcess:
+    """The bare Starlette relay under uvicorn, on a free port."""
+    return _spawn(
+        "relay",
+        [sys.executable, *RELAY_COMMAND],
+        _base_env(),
+        log_dir / "relay.log",
+        UVICORN_READY,
+        ready_on_stderr=True,
+    )
