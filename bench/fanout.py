@@ -375,6 +375,7 @@ def _add_metrics(report: Report, outcome: TargetOutcome, cfg: FanoutConfig) -> N
         f"{n}: server cores (saturation)",
         "cores",
         [r.server_cpu_s / r.cpu.wall_s for r in outcome.closed],
+        "CPU of the same processes, in cores (1.0 = one core busy all the time)",
     )
     for label, q in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")):
         report.add(

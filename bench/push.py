@@ -353,6 +353,12 @@ async def _measure(db: Database, hub: ServerProcess, cfg: PushConfig, report: Re
         [r["client_cores"] for r in runs_c],
         "CPU used by this benchmark's own process during (c), in cores",
     )
+    for i, r in enumerate(runs_c, 1):
+        if r["cpu"]["other_cores"] > OTHER_LOAD_WARN_CORES:
+            report.notes.append(
+                f"concurrent run {i}: other processes used {r['cpu']['other_cores']:.2f} "
+                "cores meanwhile"
+            )
     busy = whole.stop()
     details["whole_run_cpu"] = busy.as_json()
     report.details = details
