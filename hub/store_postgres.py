@@ -55,6 +55,13 @@ log = logging.getLogger("hub.store")
 SCHEMA_LOCK = 0x6875625F736368  # advisory lock id held while the schema is applied
 
 RECEIPT_TTL = "24 hours"
+
+# Every statement of the hub looks rows up by key or scans one user's index
+# range. A plan cached while a table was nearly empty (a sequential scan or a
+# hash join over the whole table) would stay in use as the table grows, until
+# the next ANALYZE: measured on a fresh database, batches read the whole
+# receipts table each time. With these off, cached plans are index lookups.
+PLANNER_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
 DEVICE_SEEN_S = 60.0  # last_seen is kept to about this precision
 SEEN_DEVICES_MAX = 100_000
 
@@ -292,7 +299,7 @@ class PostgresStore:
             max_size=max_size,
             timeout=timeout,
             command_timeout=timeout,
-            server_settings={"application_name": "hub"},
+            server_settings={"application_name": "hub", **PLANNER_SETTINGS},
         )
         try:
             async with pool.acquire() as con:

@@ -400,3 +400,24 @@ def test_store_matches_the_reference_merge(database_url, pushes, data):
 def live(state: dict) -> dict:
     """Drop records that never held a field after their delete and have no delete stamp."""
     return {k: v for k, v in state.items() if v[0] or v[1] is not None}
+
+
+async def test_cached_plans_look_rows_up_by_index_even_on_an_empty_database(databases):
+    """A plan made while the tables are empty must not scan them whole: cached,
+    it would stay in use as they grow (measured: batch time grew linearly)."""
+    from hub.store_postgres import PULL, READ
+
+    url = await databases.acreate()
+    store = await PostgresStore.connect(url, max_size=1)
+    try:
+        keys = [f"k{i}" for i in range(64)]
+        async with store.pool.acquire() as con:
+            for sql, args in (
+                (READ, [keys, keys, keys, keys, keys, keys]),
+                (PULL, ["u", 0, "", "", 10, None]),
+            ):
+                plan = "\n".join(r[0] for r in await con.fetch("EXPLAIN " + sql, *args))
+                assert "Seq Scan on hub_" not in plan, plan
+                assert "Hash Join" not in plan, plan
+    finally:
+        await store.close()
