@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -32,6 +31,7 @@ from .broker_redis import RedisBroker
 from .committer import Committer
 from .config import Settings
 from .coordinator import Coordinators
+from .metrics import Metrics
 from .protocol import WS_1012_RESTARTING
 from .server import drain_connections, retry_hint
 from .session import websocket_endpoint
@@ -44,6 +44,7 @@ log = logging.getLogger("hub.app")
 
 HEALTH_CACHE_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
+SAMPLE_S = 1.0
 
 try:
     HUB_VERSION = package_version("hub")
@@ -65,25 +66,58 @@ class Hub:
         self.store = store
         self.broker = broker
         self.authenticator = authenticator
-        self.committer = Committer(store, max_batch_pushes=settings.max_batch_pushes)
+        self.metrics = Metrics()
+        self.committer = Committer(
+            store, max_batch_pushes=settings.max_batch_pushes, metrics=self.metrics
+        )
         self.coordinators = Coordinators(
             self.committer,
             broker,
             max_event_bytes=settings.max_event_bytes,
             max_connections_per_user=settings.max_connections_per_user,
+            metrics=self.metrics,
         )
         self.started = time.monotonic()
-        self.metrics_slow_closes = 0
-        self.auth_failures: Counter[str] = Counter()
+        self.loop_lag_s = 0.0
         self._health: tuple[float, dict[str, Any]] | None = None
         self._health_lock = asyncio.Lock()
+        self._sampler: asyncio.Task[None] | None = None
 
     async def push(self, push: Push) -> PushResult:
         """A push from HTTP: through the user's coordinator, like a WebSocket push."""
         return await asyncio.shield(self.coordinators.push(push))
 
     def count_auth_failure(self, code: str) -> None:
-        self.auth_failures[code] += 1
+        self.metrics.auth_failures.labels(code).inc()
+
+    def start(self) -> None:
+        self.committer.start()
+        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        await self.committer.close()
+
+    async def _sample(self) -> None:
+        """Once a second: how late the loop ran this timer, and the gauges of state."""
+        loop = asyncio.get_running_loop()
+        reconnects = dropped = 0
+        while True:
+            before = loop.time()
+            await asyncio.sleep(SAMPLE_S)
+            self.loop_lag_s = max(0.0, loop.time() - before - SAMPLE_S)
+            m = self.metrics
+            m.loop_lag.set(self.loop_lag_s)
+            m.connections.set(self.coordinators.connection_count)
+            m.users_online.set(len(self.coordinators.users))
+            pool = self.store.pool
+            m.db_pool_in_use.set(pool.get_size() - pool.get_idle_size())
+            now_reconnects = getattr(self.broker, "reconnects", 0)
+            now_dropped = getattr(self.broker, "dropped", 0)
+            m.broker_reconnects.inc(max(0, now_reconnects - reconnects))
+            m.broker_dropped.inc(max(0, now_dropped - dropped))
+            reconnects, dropped = now_reconnects, now_dropped
 
     async def drain(self) -> None:
         """Graceful shutdown, the hub's part: close WebSockets in batches with
@@ -125,6 +159,7 @@ class Hub:
             "checks": {"postgres": postgres, "broker": broker},
             "connections": self.coordinators.connection_count,
             "users_online": len(self.coordinators.users),
+            "event_loop_lag_ms": round(self.loop_lag_s * 1e3, 2),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "version": HUB_VERSION,
         }
@@ -150,14 +185,14 @@ def create_app(
             jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
         )
         hub = Hub(settings, store, broker, authenticator)
-        hub.committer.start()
+        hub.start()
         app.state.hub = hub
         if on_ready is not None:
             on_ready()
         try:
             yield
         finally:
-            await hub.committer.close()  # in-flight pushes commit before the pool closes
+            await hub.stop()  # in-flight pushes commit before the pool closes
             await broker.close()
             await store.close()
 
@@ -167,6 +202,7 @@ def create_app(
         Route("/v1/sync/status", http.status, methods=["GET"]),
         Route("/health", http.health, methods=["GET"]),
         Route("/health/live", http.live, methods=["GET"]),
+        Route("/metrics", http.metrics, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 
 from .errors import HubError, Unavailable
+from .metrics import Metrics
 from .store import Store
 from .types import Push, PushResult
 
@@ -24,15 +26,23 @@ __all__ = ["Committer"]
 
 log = logging.getLogger("hub.committer")
 
+Queued = tuple[Push, "asyncio.Future[PushResult]", float]  # push, its answer, when queued
+
 
 class Committer:
     def __init__(
-        self, store: Store, *, max_batch_pushes: int = 512, max_batch_changes: int = 20000
+        self,
+        store: Store,
+        *,
+        max_batch_pushes: int = 512,
+        max_batch_changes: int = 20000,
+        metrics: Metrics | None = None,
     ):
         self.store = store
         self.max_batch_pushes = max_batch_pushes
         self.max_batch_changes = max_batch_changes
-        self._queue: deque[tuple[Push, asyncio.Future[PushResult]]] = deque()
+        self.metrics = metrics
+        self._queue: deque[Queued] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -52,7 +62,7 @@ class Committer:
             raise Unavailable("the hub is shutting down; retry", retry_after=1.0)
         future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
-        self._queue.append((push, future))
+        self._queue.append((push, future, time.perf_counter()))
         self._wakeup.set()
         return future
 
@@ -74,8 +84,8 @@ class Committer:
         if self._task is not None:
             await self._task
 
-    def _take_batch(self) -> list[tuple[Push, asyncio.Future[PushResult]]]:
-        batch: list[tuple[Push, asyncio.Future[PushResult]]] = []
+    def _take_batch(self) -> list[Queued]:
+        batch: list[Queued] = []
         changes = 0
         while self._queue and len(batch) < self.max_batch_pushes:
             push = self._queue[0][0]
@@ -95,19 +105,45 @@ class Committer:
                 continue
             batch = self._take_batch()
             try:
-                results = await self.store.commit([push for push, _ in batch])
+                results = await self.store.commit([push for push, _, _ in batch])
             except Exception:  # the store answers per push; this is a bug, keep serving
                 log.exception("commit of a batch of %d pushes failed", len(batch))
                 results = [HubError("the push could not be stored") for _ in batch]
             self.batches += 1
             self.last_batch_size = len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            if self.metrics is not None:
+                self._observe(batch, results)
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, HubError):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def _observe(self, batch: list[Queued], results: list[PushResult | HubError]) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        now = time.perf_counter()
+        metrics.batch_pushes.observe(len(batch))
+        applied = ignored = 0
+        kinds: Counter[str] = Counter()
+        for (_, _, queued_at), result in zip(batch, results, strict=True):
+            metrics.push_seconds.observe(now - queued_at)
+            if isinstance(result, HubError):
+                kinds[result.code] += 1
+            elif result.replay:
+                kinds["replay"] += 1
+            else:
+                kinds["applied" if result.applied else "unchanged"] += 1
+                applied += result.applied
+                ignored += result.ignored
+        for kind, n in kinds.items():
+            metrics.pushes.labels(kind).inc(n)
+        if applied:
+            metrics.changes.labels("applied").inc(applied)
+        if ignored:
+            metrics.changes.labels("ignored").inc(ignored)
 
 
 def _consume(future: asyncio.Future[PushResult]) -> None:

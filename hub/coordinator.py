@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,7 @@ import orjson
 
 from .broker import Broker
 from .committer import Committer
+from .metrics import Metrics
 from .protocol import delta_body
 from .types import Push, PushResult
 
@@ -63,6 +65,7 @@ class Event:
     version: int
     collections: tuple[str, ...]
     change: str | None  # the `change` message, None when over max_event_bytes
+    committed_at: float = 0.0  # Unix time, for the delivery latency metric
 
     def sync_available(self) -> str:
         return orjson.dumps(
@@ -71,7 +74,13 @@ class Event:
 
     def to_wire(self) -> bytes:
         header = orjson.dumps(
-            {"p": self.process, "c": self.connection, "v": self.version, "cols": self.collections}
+            {
+                "p": self.process,
+                "c": self.connection,
+                "v": self.version,
+                "cols": self.collections,
+                "t": self.committed_at,
+            }
         )
         return header + b"\n" + (self.change.encode() if self.change is not None else b"")
 
@@ -79,7 +88,14 @@ class Event:
     def from_wire(cls, payload: bytes) -> Event:
         header, _, change = payload.partition(b"\n")
         h = orjson.loads(header)
-        return cls(h["p"], h["c"], h["v"], tuple(h["cols"]), change.decode() if change else None)
+        return cls(
+            h["p"],
+            h["c"],
+            h["v"],
+            tuple(h["cols"]),
+            change.decode() if change else None,
+            float(h.get("t", 0.0)),
+        )
 
 
 class Coordinator:
@@ -89,10 +105,11 @@ class Coordinator:
         self.user = user
         self.connections: dict[str, Receiver] = {}
 
-    def deliver(self, event: Event) -> int:
-        """Send an event to every local connection but its origin; how many got it."""
+    def deliver(self, event: Event) -> tuple[int, int]:
+        """Send an event to every local connection but its origin; how many got
+        a ``change`` and how many a ``sync_available``."""
         notify: str | None = None
-        sent = 0
+        sent = notified = 0
         for conn in list(self.connections.values()):
             if conn.id == event.connection:
                 continue
@@ -100,10 +117,11 @@ class Coordinator:
                 if notify is None:
                     notify = event.sync_available()
                 conn.deliver(notify)
+                notified += 1
             else:
                 conn.deliver(event.change)
-            sent += 1
-        return sent
+                sent += 1
+        return sent, notified
 
 
 class Coordinators:
@@ -117,6 +135,7 @@ class Coordinators:
         max_event_bytes: int = 64 * 1024,
         max_connections_per_user: int = 10,
         process_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.committer = committer
         self.broker = broker
@@ -124,9 +143,7 @@ class Coordinators:
         self.max_connections_per_user = max_connections_per_user
         self.process_id = process_id or secrets.token_hex(6)
         self.users: dict[str, Coordinator] = {}
-        self.events_published = 0
-        self.deliveries = 0
-        self.on_delivery: Callable[[int], None] | None = None
+        self.metrics = metrics
 
     # -- connections -----------------------------------------------------------
 
@@ -193,10 +210,11 @@ class Coordinators:
             return
         coordinator = self.users.get(push.user)
         if coordinator is not None:
-            self._count(coordinator.deliver(event))
+            self._count(event, coordinator.deliver(event))
         if self.broker.spans_processes:
             self.broker.publish(push.user, event.to_wire())
-        self.events_published += 1
+        if self.metrics is not None:
+            self.metrics.events_published.inc()
 
     def _event(self, push: Push, origin: str | None, result: PushResult) -> Event:
         collections = tuple(sorted({d.collection for d in result.deltas}))
@@ -210,7 +228,7 @@ class Coordinators:
             }
         )
         change = data.decode() if len(data) <= self.max_event_bytes else None
-        return Event(self.process_id, origin, result.version, collections, change)
+        return Event(self.process_id, origin, result.version, collections, change, time.time())
 
     def _received(self, user: str, payload: bytes) -> None:
         try:
@@ -222,9 +240,16 @@ class Coordinators:
             return  # delivered locally when it was committed
         coordinator = self.users.get(user)
         if coordinator is not None:
-            self._count(coordinator.deliver(event))
+            self._count(event, coordinator.deliver(event))
 
-    def _count(self, sent: int) -> None:
-        self.deliveries += sent
-        if self.on_delivery is not None:
-            self.on_delivery(sent)
+    def _count(self, event: Event, counts: tuple[int, int]) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        changes, notices = counts
+        if changes:
+            metrics.deliveries.labels("change").inc(changes)
+        if notices:
+            metrics.deliveries.labels("sync_available").inc(notices)
+        if changes or notices:
+            metrics.delivery_seconds.observe(max(0.0, time.time() - event.committed_at))

@@ -30,8 +30,11 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    ResetRequired,
+    Unauthorized,
     Unavailable,
 )
+from .metrics import CONTENT_TYPE_LATEST
 from .types import Principal
 
 if TYPE_CHECKING:
@@ -80,7 +83,12 @@ def endpoint(handler: Handler) -> Handler:
 
 def principal(request: Request, scope: str) -> Principal:
     """Authenticate the request and check it may use ``scope``."""
-    who = hub_of(request).authenticator.authenticate(bearer_token(request.headers))
+    hub = hub_of(request)
+    try:
+        who = hub.authenticator.authenticate(bearer_token(request.headers))
+    except Unauthorized as exc:
+        hub.count_auth_failure(exc.code)
+        raise
     if not who.can(scope):
         raise Forbidden(f"this credential lacks the {scope!r} scope")
     return who
@@ -123,7 +131,12 @@ async def pull(request: Request) -> Response:
     hub = hub_of(request)
     who = principal(request, "read")
     query = protocol.parse_pull_query(request.query_params, hub.settings.limits)
-    page = await hub.store.pull(who.user, query)
+    try:
+        page = await hub.store.pull(who.user, query)
+    except ResetRequired:
+        hub.metrics.pulls.labels("reset_required").inc()
+        raise
+    hub.metrics.pulls.labels("ok").inc()
     return json_response(protocol.pull_body(page))
 
 
@@ -139,6 +152,12 @@ async def health(request: Request) -> Response:
     """GET /health: proves the hub can reach its database (cached about a second)."""
     report = await hub_of(request).health()
     return json_response(report, 503 if report["status"] == "down" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text (all workers of this hub in multi-process mode)."""
+    body = hub_of(request).metrics.exposition()
+    return Response(body, 200, media_type=CONTENT_TYPE_LATEST)
 
 
 async def live(request: Request) -> Response:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -108,10 +110,15 @@ async def drain_connections(connections: list[Any], close: Callable[[Any], None]
 
 
 def run_workers(workers: int, sock: socket.socket, env: dict[str, str], argv: list[str]) -> int:
-    """Run ``workers`` hub processes on one listening socket; forward SIGTERM/SIGINT."""
+    """Run ``workers`` hub processes on one listening socket; forward SIGTERM/SIGINT.
+
+    The workers share a directory for their metrics, so that /metrics on any
+    of them reports the whole hub.
+    """
+    metrics_dir = tempfile.mkdtemp(prefix="hub-metrics-")
     children = []
     for _ in range(workers):
-        child_env = {**env, "HUB_WORKERS": "1"}
+        child_env = {**env, "HUB_WORKERS": "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "hub", "serve", *argv, "--listen-fd", str(sock.fileno())],
@@ -129,4 +136,5 @@ def run_workers(workers: int, sock: socket.socket, env: dict[str, str], argv: li
     signal.signal(signal.SIGINT, forward)
     codes = [child.wait() for child in children]
     sock.close()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((abs(c) for c in codes), default=0) if any(c not in (0, -15) for c in codes) else 0

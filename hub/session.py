@@ -28,7 +28,14 @@ from starlette.types import Receive, Scope, Send
 
 from . import protocol
 from .auth import bearer_token
-from .errors import BadRequest, Forbidden, HubError, RateLimited, Unauthorized
+from .errors import (
+    BadRequest,
+    Forbidden,
+    HubError,
+    RateLimited,
+    ResetRequired,
+    Unauthorized,
+)
 from .protocol import (
     WS_1011_INTERNAL_ERROR,
     WS_1013_TOO_SLOW,
@@ -80,7 +87,7 @@ class Session:
             return
         if self._sending or self._queue:
             if len(self._queue) >= self.hub.settings.send_queue_size:
-                self.hub.metrics_slow_closes += 1
+                self.hub.metrics.slow_closes.inc()
                 log.info("closing a slow connection", extra={"connection": self.id})
                 self.close_soon(WS_1013_TOO_SLOW, "too slow; reconnect and pull")
                 return
@@ -317,7 +324,11 @@ class Session:
         try:
             query = protocol.parse_pull_query(message, self.hub.settings.limits)
             while True:
-                page = await self.hub.store.pull(self.user, query)
+                try:
+                    page = await self.hub.store.pull(self.user, query)
+                except ResetRequired:
+                    self.hub.metrics.pulls.labels("reset_required").inc()
+                    raise
                 body = {"type": "changes", **protocol.pull_body(page)}
                 if mid is not None:
                     body["id"] = mid
@@ -326,6 +337,7 @@ class Session:
                     break
                 # Too big for one message: ask for fewer deltas (has_more says the rest).
                 query = protocol.PullQuery(query.cursor, max(1, query.limit // 2), query.collection)
+            self.hub.metrics.pulls.labels("ok").inc()
             self.deliver(text.decode())
         except HubError as exc:
             self.deliver(protocol.error_message(exc.code, exc.message, mid))
