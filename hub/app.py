@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
@@ -82,6 +83,7 @@ class Hub:
         self._health: tuple[float, dict[str, Any]] | None = None
         self._health_lock = asyncio.Lock()
         self._sampler: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
 
     async def push(self, push: Push) -> PushResult:
         """A push from HTTP: through the user's coordinator, like a WebSocket push."""
@@ -93,11 +95,27 @@ class Hub:
     def start(self) -> None:
         self.committer.start()
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        self._retention = asyncio.get_running_loop().create_task(self._purge_periodically())
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._retention):
+            if task is not None:
+                task.cancel()
         await self.committer.close()
+
+    async def _purge_periodically(self) -> None:
+        """The retention job: every process runs it, one at a time gets the lock.
+        The first run comes at a random point of the interval, to spread processes."""
+        interval = self.settings.retention_interval_s
+        await asyncio.sleep(random.uniform(0, interval))
+        while True:
+            try:
+                report = await self.store.purge(retention_s=self.settings.tombstone_retention)
+                if not report.get("skipped"):
+                    log.info("retention purge", extra=report)
+            except Exception:  # the job retries next interval; serving goes on
+                log.exception("retention purge failed")
+            await asyncio.sleep(interval)
 
     async def _sample(self) -> None:
         """Once a second: how late the loop ran this timer, and the gauges of state."""

@@ -120,6 +120,37 @@ def run_one(
     return 0
 
 
+def retention(args: argparse.Namespace) -> int:
+    """Purge tombstones past HUB_TOMBSTONE_RETENTION and expired receipts now."""
+    import asyncio
+
+    import orjson
+
+    from .store_postgres import PostgresStore
+
+    try:
+        settings = config.load(os.environ)
+    except config.ConfigError as exc:
+        print(f"hub: {exc}", file=sys.stderr)
+        return 2
+    database_url = settings.database_url
+    keep = []
+    if database_url is None:
+        database_url, handle = start_postgres(settings.data_dir)
+        keep.append(handle)
+
+    async def run() -> dict[str, object]:
+        store = await PostgresStore.connect(database_url, max_size=1)
+        try:
+            return await store.purge(retention_s=settings.tombstone_retention, dry_run=args.dry_run)
+        finally:
+            await store.close()
+
+    report = asyncio.run(run())
+    print(orjson.dumps(report).decode())
+    return 0
+
+
 def token(args: argparse.Namespace) -> int:
     settings = config.load(os.environ)
     secret = settings.jwt_secret or development_secret(settings.data_dir)
@@ -141,6 +172,16 @@ def parser() -> argparse.ArgumentParser:
     config.add_arguments(serve_p)
     serve_p.add_argument("--listen-fd", default=None, help=argparse.SUPPRESS)
     serve_p.set_defaults(run=serve)
+    retention_p = sub.add_parser(
+        "retention",
+        help="purge tombstones older than HUB_TOMBSTONE_RETENTION and expired receipts",
+        description="Purge now what the hub's retention job purges every "
+        "HUB_RETENTION_INTERVAL_S: tombstones older than HUB_TOMBSTONE_RETENTION (devices "
+        "with older cursors then get 410 reset_required) and idempotency receipts older "
+        "than 24 h. Prints what went, as JSON.",
+    )
+    retention_p.add_argument("--dry-run", action="store_true", help="only count what would go")
+    retention_p.set_defaults(run=retention)
     token_p = sub.add_parser(
         "token", help="print an HS256 token for a user (HUB_JWT_SECRET or the dev secret)"
     )

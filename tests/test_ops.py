@@ -1,0 +1,233 @@
+"""What ops see and run: /health, /metrics, logs, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+from changes import commit_one, delete, pull_all, push, upsert
+from changes import stamp as old_stamp
+from support import (
+    JWT_SECRET,
+    change,
+    connect,
+    new_user,
+    restartable_redis,
+    stamp,
+    token_for,
+    wait_for,
+)
+
+from hub.errors import ResetRequired
+from hub.protocol import PullQuery
+from hub.types import Cursor
+
+
+async def get(hub, path: str, user: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token_for(user)}"} if user else {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(f"{hub.url}{path}", headers=headers)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)"
+    found = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+# -- retention ---------------------------------------------------------------------
+
+
+async def test_purged_tombstones_make_older_cursors_reset(store, user):
+    await commit_one(store, push(user, upsert("a", x=(1, old_stamp(1)))))  # v1
+    await commit_one(store, push(user, upsert("kept", x=(1, old_stamp(1)))))  # v2
+    await commit_one(store, push(user, delete("a", old_stamp(2))))  # v3
+    await commit_one(store, push(user, delete("kept", old_stamp(2))))  # v4
+    await commit_one(store, push(user, upsert("kept", y=(2, old_stamp(3)))))  # v5: revived
+    dry = await store.purge(retention_s=0, dry_run=True)
+    assert dry["tombstones"] >= 1
+    report = await store.purge(retention_s=0)
+    assert report["tombstones"] >= 1 and report["fields"] >= 1
+    with pytest.raises(ResetRequired) as reset:
+        await store.pull(user, PullQuery(Cursor(2), 10, None))
+    assert reset.value.horizon == 3
+    page = await store.pull(user, PullQuery(Cursor(3), 10, None))
+    assert [(d.record_id, d.version) for d in page.changes] == [("kept", 4), ("kept", 5)]
+    deltas, _, _ = await pull_all(store, user)
+    assert {d.record_id for d in deltas} == {"kept"}  # the revived record stays
+    status = await store.status(user)
+    assert status["collections"] == {"todos": {"records": 1, "deleted": 0}}
+
+
+async def test_tombstones_within_the_retention_stay(store, user):
+    await commit_one(store, push(user, upsert("a", x=(1, old_stamp(1)))))
+    await commit_one(store, push(user, delete("a", old_stamp(2))))
+    await store.purge(retention_s=3600)
+    page = await store.pull(user, PullQuery(Cursor(1), 10, None))
+    assert [(d.record_id, d.deleted) for d in page.changes] == [("a", True)]
+
+
+def run_cli(args: list[str], database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full_env.update({"HUB_DATABASE_URL": database_url, "HUB_JWT_SECRET": JWT_SECRET, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "hub", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_hub_retention_command_then_410_over_http(shared_hub, databases, user):
+    url = shared_hub.database_url
+    async with httpx.AsyncClient(timeout=10, base_url=shared_hub.url) as http:
+        headers = {"Authorization": f"Bearer {token_for(user)}"}
+        for changes in (
+            [change("a", stamp(), x=1)],
+            [{"collection": "todos", "id": "a", "op": "delete", "hlc": stamp(1)}],
+        ):
+            r = await http.post(
+                "/v1/sync/push", json={"device": "d", "changes": changes}, headers=headers
+            )
+            assert r.status_code == 200
+        dry = run_cli(["retention", "--dry-run"], url, HUB_TOMBSTONE_RETENTION="0.001")
+        assert dry.returncode == 0, dry.stderr
+        assert json.loads(dry.stdout)["tombstones"] >= 1
+        r = await http.get("/v1/sync/pull", params={"since": "1"}, headers=headers)
+        assert r.status_code == 200  # a dry run purges nothing
+        done = run_cli(["retention"], url, HUB_TOMBSTONE_RETENTION="0.001")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["tombstones"] >= 1
+        r = await http.get("/v1/sync/pull", params={"since": "1"}, headers=headers)
+        assert r.status_code == 410
+        assert r.json()["error"]["code"] == "reset_required"
+        r = await http.get("/v1/sync/pull", params={"since": "0"}, headers=headers)
+        assert r.status_code == 200 and r.json()["changes"] == []
+
+
+# -- metrics -----------------------------------------------------------------------
+
+
+async def test_metrics_move_when_pushes_happen(shared_hub):
+    user = new_user()
+    before = (await get(shared_hub, "/metrics")).text
+    receiver = await connect(shared_hub, user, "receiver")
+    sender = await connect(shared_hub, user, "sender")
+    for i in range(3):
+        ack = await sender.push([change(f"t{i}", stamp(), x=i)])
+        assert ack["type"] == "ack"
+        await receiver.expect("change")
+    await sender.push([change("t0", stamp(-60_000), x=0)])  # older: ignored
+    r = await get(shared_hub, "/v1/sync/pull?since=99", user)
+    assert r.status_code == 410
+
+    async def moved() -> str | None:
+        text = (await get(shared_hub, "/metrics")).text
+        return text if metric(text, "hub_connections") >= 2 else None
+
+    after = await wait_for(moved, timeout=5)
+    for name, labels, at_least in (
+        ("hub_pushes_total", {"result": "applied"}, 3),
+        ("hub_pushes_total", {"result": "unchanged"}, 1),
+        ("hub_changes_total", {"result": "applied"}, 3),
+        ("hub_changes_total", {"result": "ignored"}, 1),
+        ("hub_event_deliveries_total", {"type": "change"}, 3),
+        ("hub_events_published_total", {}, 3),
+        ("hub_pulls_total", {"result": "reset_required"}, 1),
+        ("hub_push_seconds_count", {}, 4),
+        ("hub_commit_batch_pushes_count", {}, 1),
+    ):
+        grew = metric(after, name, **labels) - metric(before, name, **labels)
+        assert grew >= at_least, (name, labels, grew)
+    await receiver.close()
+    await sender.close()
+
+
+async def test_auth_failures_are_counted_by_reason(shared_hub, user):
+    before = (await get(shared_hub, "/metrics")).text
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get(
+            f"{shared_hub.url}/v1/sync/status",
+            headers={"Authorization": f"Bearer {token_for(user, ttl_s=-300)}"},
+        )
+    assert r.status_code == 401
+    after = (await get(shared_hub, "/metrics")).text
+    grew = metric(after, "hub_auth_failures_total", reason="token_expired") - metric(
+        before, "hub_auth_failures_total", reason="token_expired"
+    )
+    assert grew == 1
+
+
+# -- health -----------------------------------------------------------------------
+
+
+async def test_health_is_degraded_while_redis_is_down_and_ok_again(hub_factory):
+    with restartable_redis() as redis_server:
+        hub = hub_factory({"HUB_REDIS_URL": redis_server.url})
+
+        async def status_is(want: str):
+            body = (await get(hub, "/health")).json()
+            return body if body["status"] == want else None
+
+        body = await wait_for(lambda: status_is("ok"), timeout=10, interval=0.2)
+        assert body["checks"]["broker"]["ok"] and body["checks"]["postgres"]["ok"]
+        redis_server.stop()
+        body = await wait_for(lambda: status_is("degraded"), timeout=15, interval=0.2)
+        assert body["checks"]["postgres"]["ok"] and not body["checks"]["broker"]["ok"]
+        assert (await get(hub, "/health")).status_code == 200
+        redis_server.start()
+        await wait_for(lambda: status_is("ok"), timeout=20, interval=0.2)
+
+
+async def test_health_is_down_while_postgres_is_unreachable(tmp_path):
+    from support import ThrowawayPostgres, spawn_hub
+
+    with ThrowawayPostgres() as pg:
+        hub = spawn_hub({"HUB_DATABASE_URL": pg.url, "HUB_DB_TIMEOUT_S": "1"}, tmp_path)
+        try:
+
+            async def status_is(want: str):
+                r = await get(hub, "/health")
+                return r if r.json()["status"] == want else None
+
+            await wait_for(lambda: status_is("ok"), timeout=10, interval=0.2)
+            pg.stop()
+            r = await wait_for(lambda: status_is("down"), timeout=20, interval=0.2)
+            assert r.status_code == 503
+            assert r.json()["checks"]["postgres"]["ok"] is False
+            assert (await get(hub, "/health/live")).status_code == 200
+            pg.start()
+            await wait_for(lambda: status_is("ok"), timeout=30, interval=0.3)
+        finally:
+            hub.stop()
+
+
+# -- logs --------------------------------------------------------------------------
+
+
+async def test_logs_are_json_lines_without_tokens(hub_factory):
+    hub = hub_factory()
+    user = new_user()
+    token = token_for(user)
+    d = await connect(hub, user, "d1", token=token)
+    await d.push([change("t", stamp(), secret_value="do-not-log-me")])
+    await d.close()
+    r = await get(hub, "/v1/sync/status")  # 401: logged as an auth failure at most
+    assert r.status_code == 401
+    hub.stop()
+    logs = hub.logs()
+    assert logs.strip(), "the hub logged nothing"
+    for line in logs.splitlines():
+        entry = json.loads(line)
+        assert {"ts", "level", "logger", "msg"} <= entry.keys()
+    assert token not in logs and token.split(".")[2] not in logs
+    assert "do-not-log-me" not in logs
