@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
@@ -20,11 +22,12 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from . import http
+from . import http, logs
 from .auth import Authenticator
 from .broker import Broker
 from .broker_memory import MemoryBroker
@@ -46,6 +49,7 @@ log = logging.getLogger("hub.app")
 HEALTH_CACHE_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 SAMPLE_S = 1.0
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 try:
     HUB_VERSION = package_version("hub")
@@ -241,5 +245,21 @@ class HubApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == "/v1/ws":
             await websocket_endpoint(self.state.hub, scope, receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every HTTP request gets an id (the client's X-Request-Id when sane),
+        in its log lines and in the response's X-Request-Id header."""
+        given = Headers(scope=scope).get("x-request-id", "")
+        rid = given if REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
+        logs.request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

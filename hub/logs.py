@@ -9,11 +9,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
 
-__all__ = ["setup"]
+__all__ = ["connection_id", "request_id", "setup"]
+
+#: The id of the HTTP request or WebSocket connection being served, added to
+#: every log record made while serving it.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+connection_id: ContextVar[str | None] = ContextVar("connection_id", default=None)
 
 STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -27,6 +33,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key, var in (("request", request_id), ("connection", connection_id)):
+            value = var.get()
+            if value is not None and key not in record.__dict__:
+                entry[key] = value
         for key, value in record.__dict__.items():
             if key not in STANDARD and key != "color_message" and not key.startswith("_"):
                 entry[key] = value

@@ -26,7 +26,7 @@ import orjson
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
-from . import protocol
+from . import logs, protocol
 from .auth import bearer_token
 from .errors import (
     BadRequest,
@@ -147,6 +147,7 @@ class Session:
 
     async def run(self) -> None:
         hub = self.hub
+        logs.connection_id.set(self.id)
         connect = await self._receive()
         if connect["type"] != "websocket.connect":
             return

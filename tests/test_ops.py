@@ -231,3 +231,13 @@ async def test_logs_are_json_lines_without_tokens(hub_factory):
         assert {"ts", "level", "logger", "msg"} <= entry.keys()
     assert token not in logs and token.split(".")[2] not in logs
     assert "do-not-log-me" not in logs
+
+
+async def test_every_response_carries_a_request_id(shared_hub):
+    async with httpx.AsyncClient(timeout=10, base_url=shared_hub.url) as http:
+        given = await http.get("/health/live", headers={"X-Request-Id": "trace-42.a"})
+        assert given.headers["x-request-id"] == "trace-42.a"
+        made = await http.get("/health/live")
+        refused = await http.get("/health/live", headers={"X-Request-Id": "bad id; x" * 10})
+    assert re.fullmatch(r"[0-9a-f]{16}", made.headers["x-request-id"])
+    assert re.fullmatch(r"[0-9a-f]{16}", refused.headers["x-request-id"])
