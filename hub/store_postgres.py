@@ -103,14 +103,15 @@ ORDER BY user_id FOR UPDATE
 READ = f"""
 SELECT 'r' AS kind, r.user_id, r.scope, r.key, NULL AS field, NULL AS hlc, r.digest,
        r.response::text AS response
-FROM unnest($1::text[], $2::text[], $3::text[]) AS k(u, s, key)
-JOIN hub_receipts r ON r.user_id = k.u AND r.scope = k.s AND r.key = k.key
+FROM json_array_elements($1::json) AS k
+JOIN hub_receipts r ON r.user_id = k->>0 AND r.scope = k->>1 AND r.key = k->>2
 WHERE r.created_at > now() - interval '{RECEIPT_TTL}'
 UNION ALL
-SELECT 's', k.u, k.c, k.i, f.field, f.hlc, NULL, r.deleted_hlc
-FROM unnest($4::text[], $5::text[], $6::text[]) AS k(u, c, i)
-JOIN hub_records r ON r.user_id = k.u AND r.collection = k.c AND r.record_id = k.i
-LEFT JOIN hub_fields f ON f.user_id = k.u AND f.collection = k.c AND f.record_id = k.i
+SELECT 's', r.user_id, r.collection, r.record_id, f.field, f.hlc, NULL, r.deleted_hlc
+FROM json_array_elements($2::json) AS k
+JOIN hub_records r ON r.user_id = k->>0 AND r.collection = k->>1 AND r.record_id = k->>2
+LEFT JOIN hub_fields f ON f.user_id = r.user_id AND f.collection = r.collection
+    AND f.record_id = r.record_id
 """
 
 # Everything a batch writes, in one statement. The rows come as JSON arrays
@@ -320,16 +321,6 @@ def _fragment(text: str | None) -> Fragment | None:
     return None if text is None else Fragment(text)
 
 
-def _columns3(rows: Sequence[tuple[str, str, str | None]]) -> list[list[Any]]:
-    return [list(col) for col in _columns(rows, 3)]
-
-
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[tuple[Any, ...]]:
-    if not rows:
-        return [()] * width
-    return list(zip(*rows, strict=True))
-
-
 class PostgresStore:
     """The :class:`hub.store.Store` on PostgreSQL, over an asyncpg pool."""
 
@@ -404,7 +395,9 @@ class PostgresStore:
             versions = {r[0]: r[1] for r in rows}
             receipts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
             state: dict[tuple[str, str, str], RecordState] = {}
-            rows = await con.fetch(READ, *_columns3(keyed), *_columns3(touched))
+            rows = await con.fetch(
+                READ, orjson.dumps(keyed).decode(), orjson.dumps(touched).decode()
+            )
             for kind, u, a, b, name, stamp, digest, text in rows:
                 if kind == "r":
                     receipts[(u, a, b)] = (digest, text)

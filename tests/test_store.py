@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import orjson
 import pytest
 from changes import commit_one, delete, normalized, pull_all, push, replica_of, stamp, upsert
 from hypothesis import HealthCheck, given, settings
@@ -352,10 +353,10 @@ async def test_cached_plans_look_rows_up_by_index_even_on_an_empty_database(data
     url = await databases.acreate()
     store = await PostgresStore.connect(url, max_size=1)
     try:
-        keys = [f"k{i}" for i in range(64)]
+        keys = orjson.dumps([[f"u{i}", "c", f"k{i}"] for i in range(64)]).decode()
         async with store.pool.acquire() as con:
             for sql, args in (
-                (READ, [keys, keys, keys, keys, keys, keys]),
+                (READ, [keys, keys]),
                 (PULL, ["u", 0, "", "", 10, None]),
             ):
                 plan = "\n".join(r[0] for r in await con.fetch("EXPLAIN " + sql, *args))
