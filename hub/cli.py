@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from . import config, logs
 from .auth import make_token
 from .embedded import EmbeddedError, start_postgres, start_valkey
 from .server import HubServer, bind, run_workers, uvicorn_config
+from .store_postgres import PostgresStore
 
 __all__ = ["main"]
 
@@ -122,12 +127,29 @@ def run_one(
 
 def retention(args: argparse.Namespace) -> int:
     """Purge tombstones past HUB_TOMBSTONE_RETENTION and expired receipts now."""
-    import asyncio
+    return with_store(
+        lambda store, settings: store.purge(
+            retention_s=settings.tombstone_retention, dry_run=args.dry_run
+        )
+    )
 
-    import orjson
 
-    from .store_postgres import PostgresStore
+def resync_all(args: argparse.Namespace) -> int:
+    """After restoring a backup: every device's next pull gets 410 and starts from 0."""
+    if not args.yes:
+        print("hub: this makes every device resync from 0; repeat with --yes", file=sys.stderr)
+        return 2
+    return with_store(lambda store, settings: _users(store.require_resync()))
 
+
+async def _users(count: Awaitable[int]) -> dict[str, object]:
+    return {"users": await count}
+
+
+def with_store(
+    action: Callable[[PostgresStore, config.Settings], Awaitable[dict[str, Any]]],
+) -> int:
+    """Run ``action`` on the store of HUB_DATABASE_URL (or the embedded one); print its JSON."""
     try:
         settings = config.load(os.environ)
     except config.ConfigError as exc:
@@ -139,15 +161,15 @@ def retention(args: argparse.Namespace) -> int:
         database_url, handle = start_postgres(settings.data_dir)
         keep.append(handle)
 
-    async def run() -> dict[str, object]:
+    async def run() -> dict[str, Any]:
+        assert database_url is not None
         store = await PostgresStore.connect(database_url, max_size=1)
         try:
-            return await store.purge(retention_s=settings.tombstone_retention, dry_run=args.dry_run)
+            return await action(store, settings)
         finally:
             await store.close()
 
-    report = asyncio.run(run())
-    print(orjson.dumps(report).decode())
+    print(orjson.dumps(asyncio.run(run())).decode())
     return 0
 
 
@@ -182,6 +204,15 @@ def parser() -> argparse.ArgumentParser:
     )
     retention_p.add_argument("--dry-run", action="store_true", help="only count what would go")
     retention_p.set_defaults(run=retention)
+    resync_p = sub.add_parser(
+        "resync-all",
+        help="after restoring a backup: make every device resync from 0",
+        description="Raise every user's horizon past its version, so that every cursor "
+        "made until now gets 410 reset_required and its device pulls again from 0. Run "
+        "it after restoring the database from a backup, before the hubs serve again.",
+    )
+    resync_p.add_argument("--yes", action="store_true", help="really do it")
+    resync_p.set_defaults(run=resync_all)
     token_p = sub.add_parser(
         "token", help="print an HS256 token for a user (HUB_JWT_SECRET or the dev secret)"
     )

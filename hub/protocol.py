@@ -222,11 +222,15 @@ def parse_http_push(
 
 
 def encode_cursor(cursor: Cursor) -> str:
-    """Opaque cursor text: ``"<version>"`` or, inside a version, ``"<version>.<position>"``."""
-    if cursor.collection is None:
-        return str(cursor.version)
-    position = orjson.dumps([cursor.collection, cursor.record_id])
-    return f"{cursor.version}.{base64.urlsafe_b64encode(position).decode().rstrip('=')}"
+    """Opaque cursor text: ``"<version>"`` or, inside a version,
+    ``"<version>.<position>"``; then ``"!<horizon>"`` once the user has one."""
+    text = str(cursor.version)
+    if cursor.collection is not None:
+        position = orjson.dumps([cursor.collection, cursor.record_id])
+        text += "." + base64.urlsafe_b64encode(position).decode().rstrip("=")
+    if cursor.horizon:
+        text += f"!{cursor.horizon}"
+    return text
 
 
 def decode_cursor(text: str | int | None) -> Cursor:
@@ -238,11 +242,15 @@ def decode_cursor(text: str | int | None) -> Cursor:
     if not isinstance(text, str):
         raise BadRequest("malformed cursor")
     malformed = BadRequest(f"malformed cursor: {text[:80]!r}")
+    text, bang, horizon_text = text.partition("!")
+    if bang and DIGITS_RE.fullmatch(horizon_text) is None:
+        raise malformed
+    horizon = int(horizon_text) if bang else 0
     version_text, _, position = text.partition(".")
     if DIGITS_RE.fullmatch(version_text) is None:
         raise malformed
     if not position:
-        return Cursor(int(version_text))
+        return Cursor(int(version_text), horizon=horizon)
     try:
         decoded = orjson.loads(base64.urlsafe_b64decode(position + "=" * (-len(position) % 4)))
     except (ValueError, binascii.Error, orjson.JSONDecodeError):
@@ -253,7 +261,7 @@ def decode_cursor(text: str | int | None) -> Cursor:
         or not all(isinstance(part, str) for part in decoded)
     ):
         raise malformed
-    return Cursor(int(version_text), decoded[0], decoded[1])
+    return Cursor(int(version_text), decoded[0], decoded[1], horizon)
 
 
 @dataclass(frozen=True, slots=True)

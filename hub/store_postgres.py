@@ -450,9 +450,9 @@ class PostgresStore:
         if has_more:
             deltas = deltas[: query.limit]
             last = deltas[-1]
-            next_cursor = Cursor(last.version, last.collection, last.record_id)
+            next_cursor = Cursor(last.version, last.collection, last.record_id, horizon)
         else:
-            next_cursor = Cursor(max(user_version, cursor.version))
+            next_cursor = Cursor(max(user_version, cursor.version), horizon=horizon)
         return PullPage(tuple(deltas), next_cursor, has_more, user_version)
 
     async def purge(
@@ -492,6 +492,13 @@ class PostgresStore:
                 return {"tombstones": records, "fields": fields, "receipts": receipts}
             finally:
                 await con.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+
+    async def require_resync(self) -> int:
+        """Make every cursor made until now get 410 (after restoring a backup):
+        each user's horizon goes past its version. Returns the users touched."""
+        async with self.pool.acquire() as con:
+            done = await con.execute("UPDATE hub_users SET horizon = version + 1")
+        return int(done.split()[-1])
 
     async def status(self, user: str) -> dict[str, Any]:
         async with self.pool.acquire() as con:
@@ -626,7 +633,9 @@ def _rejection(exc: asyncpg.PostgresError) -> HubError:
 
 
 def _check_cursor(cursor: Cursor, version: int, horizon: int) -> None:
-    if cursor.version and cursor.version < horizon:
+    # Below the horizon, a cursor made before the purge may have seen records
+    # whose deletes are gone: only a full resync makes the device right again.
+    if cursor.version and cursor.version < horizon and cursor.horizon < horizon:
         raise ResetRequired(horizon)
     if cursor.version > version:
         # A cursor from the future: the database was restored from an older backup.

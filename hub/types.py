@@ -102,11 +102,17 @@ class Delta:
 @dataclass(frozen=True, slots=True, order=True)
 class Cursor:
     """Where a device stands: after every delta up to ``version``, or, inside
-    ``version``, after the delta of record ``(collection, record_id)``."""
+    ``version``, after the delta of record ``(collection, record_id)``.
+
+    ``horizon`` is the user's retention horizon when the cursor was made: a
+    cursor made after a purge has not seen what the purge removed, so it
+    stays good even when its version is below the horizon.
+    """
 
     version: int
     collection: str | None = None
     record_id: str | None = None
+    horizon: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,3 +241,44 @@ async def test_every_response_carries_a_request_id(shared_hub):
         refused = await http.get("/health/live", headers={"X-Request-Id": "bad id; x" * 10})
     assert re.fullmatch(r"[0-9a-f]{16}", made.headers["x-request-id"])
     assert re.fullmatch(r"[0-9a-f]{16}", refused.headers["x-request-id"])
+
+
+async def test_a_full_resync_after_a_purge_completes_page_by_page(store, user):
+    """Cursors made after the purge are good below the horizon: a device
+    pulling from 0 in small pages reaches the end instead of 410 forever."""
+    for i in range(8):
+        await commit_one(store, push(user, upsert(f"r{i}", x=(i, old_stamp(1)))))
+    await commit_one(store, push(user, delete("r3", old_stamp(2))))  # v9
+    await store.purge(retention_s=0)
+    deltas, cursor, version = await pull_all(store, user, limit=3)
+    assert sorted(d.record_id for d in deltas) == [f"r{i}" for i in range(8) if i != 3]
+    assert cursor.version == version == 9
+    # A cursor from before the purge, below the horizon, still must reset.
+    with pytest.raises(ResetRequired):
+        await store.pull(user, PullQuery(Cursor(5), 3, None))
+
+
+async def test_resync_all_after_a_restore_resets_every_older_cursor(shared_hub, user):
+    url = shared_hub.database_url
+    refused = run_cli(["resync-all"], url)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    async with httpx.AsyncClient(timeout=10, base_url=shared_hub.url) as http:
+        headers = {"Authorization": f"Bearer {token_for(user)}"}
+        r = await http.post(
+            "/v1/sync/push",
+            json={"device": "d", "changes": [change("a", stamp(), x=1)]},
+            headers=headers,
+        )
+        assert r.status_code == 200
+        cursor = (await http.get("/v1/sync/pull", params={"since": "0"}, headers=headers)).json()[
+            "cursor"
+        ]
+        done = run_cli(["resync-all", "--yes"], url)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["users"] >= 1
+        r = await http.get("/v1/sync/pull", params={"since": cursor}, headers=headers)
+        assert r.status_code == 410
+        fresh = (await http.get("/v1/sync/pull", params={"since": "0"}, headers=headers)).json()
+        assert [c["id"] for c in fresh["changes"]] == ["a"]
+        r = await http.get("/v1/sync/pull", params={"since": fresh["cursor"]}, headers=headers)
+        assert r.status_code == 200 and r.json()["changes"] == []
