@@ -85,3 +85,18 @@ CREATE TABLE IF NOT EXISTS hub_devices (
     revoked_at timestamptz,
     PRIMARY KEY (user_id, device)
 );
+
+-- API keys: "hub_" + id + secret + checksum. Only an HMAC-SHA256 of the whole
+-- key with the server's pepper is kept; the raw key is shown once, at creation.
+CREATE TABLE IF NOT EXISTS hub_api_keys (
+    id           text PRIMARY KEY,
+    user_id      text NOT NULL,
+    name         text NOT NULL,
+    scopes       text[] NOT NULL,
+    key_hash     bytea NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    revoked_at   timestamptz
+);
+
+CREATE INDEX IF NOT EXISTS hub_api_keys_user ON hub_api_keys (user_id, created_at);

@@ -142,6 +142,10 @@ def start_hub(
             "HUB_PORT": "0",
             "HUB_DATA_DIR": str(log_dir / "hub-data"),
             "HUB_LOG_LEVEL": "warning",
+            # The benchmarks measure throughput, not the rate limits.
+            "HUB_RATE_MESSAGES_PER_S": "1000000",
+            "HUB_RATE_PUSHES_PER_S": "1000000",
+            "HUB_RATE_REQUESTS_PER_S": "1000000",
         }
     )
     env.update(extra_env or {})

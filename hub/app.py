@@ -21,22 +21,29 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from . import http, logs
-from .auth import Authenticator
+from .auth import Authenticator, JwtVerifier
 from .broker import Broker
 from .broker_memory import MemoryBroker
 from .broker_redis import RedisBroker
 from .committer import Committer
 from .config import Settings
 from .coordinator import Coordinators
+from .errors import RateLimited
 from .metrics import Metrics
-from .protocol import WS_1012_RESTARTING
+from .presence import MemoryPresence, Presence
+from .presence_redis import RedisPresence
+from .protocol import WS_1012_RESTARTING, WS_4003_FORBIDDEN
+from .ratelimit import Buckets
 from .server import drain_connections, retry_hint
 from .session import websocket_endpoint
 from .store_postgres import PostgresStore
@@ -49,7 +56,19 @@ log = logging.getLogger("hub.app")
 HEALTH_CACHE_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 SAMPLE_S = 1.0
+KEYS_USED_FLUSH_S = 30.0
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "X-Idempotency-Key",
+    "X-Request-Id",
+]
+CORS_RESPONSE_HEADERS = ["Idempotent-Replay", "Retry-After", "X-Request-Id"]
+#: The broker channel of control messages (revocations) every process hears.
+#: Not a user: user ids cannot hold U+0000.
+CONTROL = "\x00control"
 
 try:
     HUB_VERSION = package_version("hub")
@@ -66,11 +85,18 @@ class Hub:
         store: PostgresStore,
         broker: Broker,
         authenticator: Authenticator,
+        presence: Presence | None = None,
+        *,
+        keys_enabled: bool = True,
     ) -> None:
         self.settings = settings
         self.store = store
         self.broker = broker
         self.authenticator = authenticator
+        self.presence: Presence = presence or MemoryPresence()
+        self.keys_enabled = keys_enabled
+        self.push_limits = Buckets(settings.rate_pushes_per_s, settings.rate_burst_s)
+        self.request_limits = Buckets(settings.rate_requests_per_s, settings.rate_burst_s)
         self.metrics = Metrics()
         self.committer = Committer(
             store, max_batch_pushes=settings.max_batch_pushes, metrics=self.metrics
@@ -98,6 +124,7 @@ class Hub:
 
     def start(self) -> None:
         self.committer.start()
+        self.broker.subscribe(CONTROL, self._control)
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
         self._retention = asyncio.get_running_loop().create_task(self._purge_periodically())
 
@@ -106,6 +133,36 @@ class Hub:
             if task is not None:
                 task.cancel()
         await self.committer.close()
+
+    # -- revocations ----------------------------------------------------------------
+
+    def revoked(self, kind: str, user: str, value: str) -> None:
+        """A device or API key was revoked: act here and tell every other process."""
+        self._apply_revocation(kind, user, value)
+        if self.broker.spans_processes:
+            self.broker.publish(CONTROL, orjson.dumps({"kind": kind, "user": user, "value": value}))
+
+    def _control(self, payload: bytes) -> None:
+        try:
+            message = orjson.loads(payload)
+            self._apply_revocation(message["kind"], message["user"], message["value"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("dropped a malformed control message")
+
+    def _apply_revocation(self, kind: str, user: str, value: str) -> None:
+        if kind == "key":
+            self.authenticator.forget_key(value)
+        for conn in self.coordinators.of_user(user):
+            principal = getattr(conn, "principal", None)
+            if (kind == "device" and conn.device == value) or (
+                kind == "key" and principal is not None and principal.key_id == value
+            ):
+                conn.close_soon(WS_4003_FORBIDDEN, f"{kind} revoked")
+
+    def check_rate(self, buckets: Buckets, user: str, what: str) -> None:
+        wait = buckets.take(user, time.monotonic())
+        if wait:
+            raise RateLimited(f"too many {what}; slow down", wait)
 
     async def _purge_periodically(self) -> None:
         """The retention job: every process runs it, one at a time gets the lock.
@@ -125,6 +182,7 @@ class Hub:
         """Once a second: how late the loop ran this timer, and the gauges of state."""
         loop = asyncio.get_running_loop()
         reconnects = dropped = 0
+        flushed = loop.time()
         while True:
             before = loop.time()
             await asyncio.sleep(SAMPLE_S)
@@ -140,6 +198,13 @@ class Hub:
             m.broker_reconnects.inc(max(0, now_reconnects - reconnects))
             m.broker_dropped.inc(max(0, now_dropped - dropped))
             reconnects, dropped = now_reconnects, now_dropped
+            if self.authenticator.keys_used and loop.time() - flushed > KEYS_USED_FLUSH_S:
+                used, self.authenticator.keys_used = self.authenticator.keys_used, {}
+                flushed = loop.time()
+                try:
+                    await self.store.keys_used(used)
+                except Exception:  # last_used_at is best effort
+                    log.warning("could not record API key use")
 
     async def drain(self) -> None:
         """Graceful shutdown, the hub's part: close WebSockets in batches with
@@ -191,10 +256,12 @@ def create_app(
     settings: Settings,
     *,
     database_url: str,
-    jwt_secret: str,
+    jwt_secret: str | None,
+    api_key_pepper: str | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> HubApp:
-    """The hub as an ASGI app; ``database_url`` and ``jwt_secret`` are resolved by the caller."""
+    """The hub as an ASGI app. The caller resolves ``database_url``, the JWT
+    secret (None: JWKS) and the API key pepper (None: API keys disabled)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -202,11 +269,25 @@ def create_app(
             database_url, max_size=settings.db_pool_size, timeout=settings.db_timeout_s
         )
         broker: Broker = RedisBroker(settings.redis_url) if settings.redis_url else MemoryBroker()
-        await broker.start()
-        authenticator = Authenticator(
-            jwt_secret, audience=settings.jwt_audience, issuer=settings.jwt_issuer
+        presence: Presence = (
+            RedisPresence(settings.redis_url) if settings.redis_url else MemoryPresence()
         )
-        hub = Hub(settings, store, broker, authenticator)
+        await broker.start()
+        await presence.start()
+        verifier = JwtVerifier(
+            secret=jwt_secret,
+            jwks_url=None if jwt_secret else settings.jwks_url,
+            algorithms=settings.jwt_algorithms or (),
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            jwks_min_refresh_s=settings.jwks_min_refresh_s,
+        )
+        authenticator = Authenticator(
+            verifier, pepper=api_key_pepper or "", find_key=store.find_api_key
+        )
+        hub = Hub(
+            settings, store, broker, authenticator, presence, keys_enabled=bool(api_key_pepper)
+        )
         hub.start()
         app.state.hub = hub
         if on_ready is not None:
@@ -215,6 +296,7 @@ def create_app(
             yield
         finally:
             await hub.stop()  # in-flight pushes commit before the pool closes
+            await presence.close()
             await broker.close()
             await store.close()
 
@@ -225,11 +307,26 @@ def create_app(
         Route("/health", http.health, methods=["GET"]),
         Route("/health/live", http.live, methods=["GET"]),
         Route("/metrics", http.metrics, methods=["GET"]),
+        Route("/v1/devices", http.list_devices, methods=["GET"]),
+        Route("/v1/devices/{device}", http.revoke_device, methods=["DELETE"]),
+        Route("/v1/api-keys", http.list_keys, methods=["GET"]),
+        Route("/v1/api-keys", http.create_key, methods=["POST"]),
+        Route("/v1/api-keys/{key_id}", http.revoke_key, methods=["DELETE"]),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http.http_exception},
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.allowed_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_RESPONSE_HEADERS,
+                max_age=600,
+            )
+        ],
     )
     return HubApp(app)
 

@@ -1,27 +1,71 @@
 """Authentication: a bearer credential becomes a :class:`~hub.types.Principal`.
 
-JWTs are HS256 with the hub's secret; the accepted algorithm is fixed by the
-hub, never read from the token (so ``none`` and algorithm confusion are
-impossible), and ``exp`` and ``sub`` are required. ``aud`` and ``iss`` are
-checked when configured. Tokens are never logged.
+Two kinds of credential:
+
+- **JWT** (RFC 8725 practice). Either HS256 with ``HUB_JWT_SECRET``, or
+  RS256/ES256/EdDSA with keys from ``HUB_JWKS_URL``; never both, so an HS
+  token signed with a public key (algorithm confusion) cannot pass. The
+  accepted algorithms come from configuration, never from the token, so
+  ``none`` never passes. ``exp`` and ``sub`` are required, ``aud`` and ``iss``
+  checked when configured, leeway 30 s. The key set is cached; a token with
+  an unknown ``kid`` refreshes it at most once per ``HUB_JWKS_MIN_REFRESH_S``,
+  so keys rotate without a restart and a flood of bogus kids costs nothing.
+- **API key**: ``hub_`` + 12-character id + 32-character secret + 6-character
+  checksum (base62). The checksum rejects typos before any lookup and lets
+  secret scanners recognise leaked keys. Only HMAC-SHA256(pepper, key) is
+  stored, compared in constant time. Keys are cached briefly per process;
+  a revocation evicts them on every process at once (through the broker).
+
+Tokens and keys are never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import string
 import time
-from collections.abc import Mapping
+import urllib.request
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jwt
+import orjson
 
-from .errors import TokenExpired, Unauthorized
-from .types import Principal
+from .errors import BadRequest, TokenExpired, Unauthorized
+from .types import ApiKeyRecord, Principal
 
-__all__ = ["ALL_SCOPES", "Authenticator", "bearer_token", "make_token"]
+__all__ = [
+    "ALL_SCOPES",
+    "ApiKeyRecord",
+    "Authenticator",
+    "JwtVerifier",
+    "bearer_token",
+    "make_api_key",
+    "make_token",
+    "parse_api_key",
+]
+
+log = logging.getLogger("hub.auth")
 
 ALL_SCOPES = frozenset({"read", "write", "admin"})
+KEY_SCOPES = ALL_SCOPES
 LEEWAY_S = 30
 MAX_USER_CHARS = 128
+HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"})
+BASE62 = string.digits + string.ascii_letters
+KEY_PREFIX = "hub_"
+KEY_ID_CHARS = 12
+KEY_SECRET_CHARS = 32
+KEY_CHECK_CHARS = 6
+KEY_CHARS = len(KEY_PREFIX) + KEY_ID_CHARS + KEY_SECRET_CHARS + KEY_CHECK_CHARS
+KEY_CACHE_S = 10.0
+JWKS_TIMEOUT_S = 5.0
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
@@ -35,28 +79,96 @@ def bearer_token(headers: Mapping[str, str]) -> str:
     return token.strip()
 
 
-class Authenticator:
+# -- JWT ------------------------------------------------------------------------
+
+
+class JwtVerifier:
+    """Checks JWTs with a secret (HS) or a JWKS (asymmetric), as configured."""
+
     def __init__(
-        self, secret: str, *, audience: str | None = None, issuer: str | None = None
+        self,
+        *,
+        secret: str | None = None,
+        jwks_url: str | None = None,
+        algorithms: tuple[str, ...] = (),
+        audience: str | None = None,
+        issuer: str | None = None,
+        jwks_min_refresh_s: float = 30.0,
+        fetch: Callable[[str], Awaitable[bytes]] | None = None,
     ) -> None:
+        if (secret is None) == (jwks_url is None):
+            raise ValueError("exactly one of a JWT secret and a JWKS URL")
+        if secret is not None:
+            self._algorithms = list(algorithms or ("HS256",))
+            if not set(self._algorithms) <= HS_ALGORITHMS:
+                raise ValueError(f"with a JWT secret only {sorted(HS_ALGORITHMS)} are allowed")
+        else:
+            self._algorithms = list(algorithms or ("RS256", "ES256", "EdDSA"))
+            if not set(self._algorithms) <= ASYMMETRIC_ALGORITHMS:
+                raise ValueError(f"with a JWKS only {sorted(ASYMMETRIC_ALGORITHMS)} are allowed")
         self._secret = secret
+        self._jwks_url = jwks_url
         self._audience = audience
         self._issuer = issuer
+        self._min_refresh_s = jwks_min_refresh_s
+        self._fetch = fetch or _fetch_url
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = -1e18
+        self._refreshing: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
-        return f"Authenticator(audience={self._audience!r}, issuer={self._issuer!r})"
+        return f"JwtVerifier(algorithms={self._algorithms}, jwks={self._jwks_url is not None})"
 
-    def authenticate(self, token: str) -> Principal:
-        """Check a JWT; ``TokenExpired`` or ``Unauthorized`` saying why not."""
+    async def verify(self, token: str) -> Principal:
+        if self._secret is not None:
+            return self._decode(token, self._secret)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise Unauthorized("the token is invalid") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise Unauthorized("the token has no key id ('kid')")
+        key = self._keys.get(kid)
+        if key is None:
+            await self._refresh()
+            key = self._keys.get(kid)
+            if key is None:
+                raise Unauthorized("the token's key id is not in the key set")
+        return self._decode(token, key)
+
+    async def _refresh(self) -> None:
+        """Fetch the key set, at most once per interval (also under a flood)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:
+            if time.monotonic() - self._fetched_at < self._min_refresh_s:
+                return
+            self._fetched_at = time.monotonic()
+            assert self._jwks_url is not None
+            try:
+                data = orjson.loads(await self._fetch(self._jwks_url))
+                keys = jwt.PyJWKSet.from_dict(data).keys
+            except Exception as exc:  # a bad or unreachable key set keeps the old keys
+                log.warning("could not refresh the JWKS: %s", type(exc).__name__)
+                return
+            self._keys = {k.key_id: k for k in keys if k.key_id}
+            log.info("JWKS refreshed", extra={"keys": len(self._keys)})
+
+    def _decode(self, token: str, key: Any) -> Principal:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._secret,
-                algorithms=["HS256"],
+                key,
+                algorithms=self._algorithms,
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=LEEWAY_S,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self._audience is not None,
+                    "verify_iss": self._issuer is not None,
+                },
             )
         except jwt.ExpiredSignatureError:
             raise TokenExpired("the token has expired") from None
@@ -77,8 +189,115 @@ class Authenticator:
         )
 
 
+async def _fetch_url(url: str) -> bytes:
+    def get() -> bytes:
+        with urllib.request.urlopen(url, timeout=JWKS_TIMEOUT_S) as response:  # noqa: S310
+            body: bytes = response.read(1024 * 1024)
+            return body
+
+    return await asyncio.to_thread(get)
+
+
 def make_token(secret: str, user: str, *, ttl_s: float = 86400.0, **claims: Any) -> str:
     """An HS256 token for ``user`` (development, tests, the demo)."""
     now = int(time.time())
     payload = {"sub": user, "iat": now, "exp": now + int(ttl_s), **claims}
     return jwt.encode(payload, secret, algorithm="HS256")
+
+
+# -- API keys ---------------------------------------------------------------------
+
+
+def _checksum(body: str) -> str:
+    value = zlib.crc32(body.encode())
+    chars = []
+    for _ in range(KEY_CHECK_CHARS):
+        value, digit = divmod(value, 62)
+        chars.append(BASE62[digit])
+    return "".join(chars)
+
+
+def make_api_key() -> tuple[str, str]:
+    """A new key: ``(id, raw key)``."""
+    key_id = "".join(secrets.choice(BASE62) for _ in range(KEY_ID_CHARS))
+    secret = "".join(secrets.choice(BASE62) for _ in range(KEY_SECRET_CHARS))
+    body = KEY_PREFIX + key_id + secret
+    return key_id, body + _checksum(body)
+
+
+def parse_api_key(key: str) -> str:
+    """The id of a well-formed key; ``Unauthorized`` for a typo, before any lookup."""
+    if len(key) != KEY_CHARS or not key.startswith(KEY_PREFIX):
+        raise Unauthorized("malformed API key")
+    body, check = key[:-KEY_CHECK_CHARS], key[-KEY_CHECK_CHARS:]
+    if any(c not in BASE62 for c in key[len(KEY_PREFIX) :]) or _checksum(body) != check:
+        raise Unauthorized("malformed API key (checksum)")
+    return key[len(KEY_PREFIX) : len(KEY_PREFIX) + KEY_ID_CHARS]
+
+
+class Authenticator:
+    """JWTs and API keys; the one place where a credential becomes a principal."""
+
+    def __init__(
+        self,
+        verifier: JwtVerifier,
+        *,
+        pepper: str,
+        find_key: Callable[[str], Awaitable[ApiKeyRecord | None]] | None = None,
+    ) -> None:
+        self._verifier = verifier
+        self._pepper = pepper.encode()
+        self._find_key = find_key
+        self._keys: dict[str, tuple[float, ApiKeyRecord | None]] = {}
+        self.keys_used: dict[str, float] = {}  # id -> Unix time, flushed in bulk
+
+    def __repr__(self) -> str:
+        return f"Authenticator({self._verifier!r})"
+
+    def hash_key(self, key: str) -> bytes:
+        return hmac.new(self._pepper, key.encode(), hashlib.sha256).digest()
+
+    async def authenticate(self, credential: str) -> Principal:
+        if credential.startswith(KEY_PREFIX):
+            return await self._api_key(credential)
+        return await self._verifier.verify(credential)
+
+    async def _api_key(self, key: str) -> Principal:
+        key_id = parse_api_key(key)
+        record = await self._lookup(key_id)
+        if record is None or not hmac.compare_digest(record.key_hash, self.hash_key(key)):
+            raise Unauthorized("unknown API key")
+        if record.revoked:
+            raise Unauthorized("this API key was revoked")
+        self.keys_used[key_id] = time.time()
+        return Principal(record.user, record.scopes, "api_key", None, key_id)
+
+    async def _lookup(self, key_id: str) -> ApiKeyRecord | None:
+        now = time.monotonic()
+        cached = self._keys.get(key_id)
+        if cached is not None and now - cached[0] < KEY_CACHE_S:
+            return cached[1]
+        if self._find_key is None:
+            return None
+        record = await self._find_key(key_id)
+        if len(self._keys) > 100_000:
+            self._keys.clear()
+        self._keys[key_id] = (now, record)
+        return record
+
+    def forget_key(self, key_id: str) -> None:
+        """A key was revoked (here or on another process): look it up again."""
+        self._keys.pop(key_id, None)
+
+
+def check_scopes(scopes: object) -> frozenset[str]:
+    """The scopes of a new API key (default read and write)."""
+    if scopes is None:
+        return frozenset({"read", "write"})
+    if (
+        not isinstance(scopes, list)
+        or not scopes
+        or not all(isinstance(s, str) and s in KEY_SCOPES for s in scopes)
+    ):
+        raise BadRequest(f"'scopes' must be a non-empty list of {sorted(KEY_SCOPES)}")
+    return frozenset(scopes)

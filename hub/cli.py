@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import secrets
 import socket
@@ -50,9 +51,16 @@ def serve(args: argparse.Namespace) -> int:
     logs.setup(settings.log_format, settings.log_level)
     if args.listen_fd is not None:
         # A worker started by `hub serve --workers N`: the parent resolved everything.
-        assert settings.database_url is not None and settings.jwt_secret is not None
+        assert settings.database_url is not None
         sock = socket.socket(fileno=int(args.listen_fd))
-        return run_one(settings, settings.database_url, settings.jwt_secret, sock, None)
+        return run_one(
+            settings,
+            settings.database_url,
+            settings.jwt_secret,
+            settings.api_key_pepper,
+            sock,
+            None,
+        )
     keep: list[object] = []  # handles that keep embedded servers running
     database_url = settings.database_url
     if database_url is None:
@@ -72,11 +80,12 @@ def serve(args: argparse.Namespace) -> int:
             return 2
         keep.append(handle)
         say(f"hub: embedded Redis-compatible server for {settings.workers} workers: {redis_url}")
-    secret = settings.jwt_secret or development_secret(settings.data_dir)
+    secret, pepper = credentials(settings)
     sock = bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     base = f"http://{settings.host}:{port}"
-    if settings.jwt_secret is None:
+    if settings.development_secret:
+        assert secret is not None
         say("!" * 72)
         say("!! DEVELOPMENT SECRET IN USE: anyone with the file below can mint tokens.")
         say(f"!! {Path(settings.data_dir, 'dev-jwt-secret').resolve()}")
@@ -88,7 +97,8 @@ def serve(args: argparse.Namespace) -> int:
         env.update(
             {
                 "HUB_DATABASE_URL": database_url,
-                "HUB_JWT_SECRET": secret,
+                "HUB_JWT_SECRET": secret or "",
+                "HUB_API_KEY_PEPPER": pepper or "",
                 "HUB_REDIS_URL": redis_url or "",
             }
         )
@@ -99,19 +109,40 @@ def serve(args: argparse.Namespace) -> int:
     def ready() -> None:
         say(f"hub: listening on {base}")
 
-    return run_one(settings, database_url, secret, sock, ready)
+    if pepper is None:
+        say("hub: API keys are disabled until HUB_API_KEY_PEPPER is set")
+    return run_one(settings, database_url, secret, pepper, sock, ready)
+
+
+def credentials(settings: config.Settings) -> tuple[str | None, str | None]:
+    """The JWT secret (None with a JWKS) and the API key pepper (None: keys off).
+    With neither JWT setting, both come from the development secret."""
+    if not settings.development_secret:
+        return settings.jwt_secret, settings.api_key_pepper
+    secret = development_secret(settings.data_dir)
+    pepper = (
+        settings.api_key_pepper or hashlib.sha256(b"api-key-pepper:" + secret.encode()).hexdigest()
+    )
+    return secret, pepper
 
 
 def run_one(
     settings: config.Settings,
     database_url: str,
-    secret: str,
+    secret: str | None,
+    pepper: str | None,
     sock: socket.socket,
     on_ready: Callable[[], None] | None,
 ) -> int:
     from .app import create_app
 
-    app = create_app(settings, database_url=database_url, jwt_secret=secret, on_ready=on_ready)
+    app = create_app(
+        settings,
+        database_url=database_url,
+        jwt_secret=secret,
+        api_key_pepper=pepper,
+        on_ready=on_ready,
+    )
 
     async def drain() -> None:
         hub = getattr(app.state, "hub", None)
@@ -175,7 +206,13 @@ def with_store(
 
 def token(args: argparse.Namespace) -> int:
     settings = config.load(os.environ)
-    secret = settings.jwt_secret or development_secret(settings.data_dir)
+    secret, _ = credentials(settings)
+    if secret is None:
+        print(
+            "hub: with HUB_JWKS_URL the hub makes no tokens; your identity provider does",
+            file=sys.stderr,
+        )
+        return 2
     print(make_token(secret, args.user, ttl_s=args.ttl))
     return 0
 

@@ -44,6 +44,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -91,8 +98,27 @@ class Settings:
         default=None, repr=False, metadata={"help": "HS256 secret; unset: a development secret"}
     )
     jwks_url: str | None = field(default=None, metadata={"help": "JWKS URL (RS256/ES256/EdDSA)"})
+    jwt_algorithms: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "cast": _list,
+            "help": "accepted JWT algorithms (default HS256 with a secret, "
+            "RS256,ES256,EdDSA with a JWKS)",
+        },
+    )
+    jwks_min_refresh_s: float = field(
+        default=30.0,
+        metadata={"cast": _seconds, "help": "an unknown kid refetches the JWKS at most this often"},
+    )
     jwt_audience: str | None = field(default=None, metadata={"help": "required JWT aud"})
     jwt_issuer: str | None = field(default=None, metadata={"help": "required JWT iss"})
+    api_key_pepper: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "secret mixed into stored API key hashes; unset: derived from the dev secret"
+        },
+    )
     allowed_origins: tuple[str, ...] = field(
         default=("http://127.0.0.1:8080", "http://localhost:8080"),
         metadata={"cast": _list, "help": "comma-separated browser origins allowed"},
@@ -111,6 +137,25 @@ class Settings:
     )
     max_connections_per_user: int = field(
         default=10, metadata={"cast": _positive_int, "help": "open WebSockets per user"}
+    )
+    rate_messages_per_s: float = field(
+        default=200.0,
+        metadata={"cast": _positive_float, "help": "WebSocket messages per connection per second"},
+    )
+    rate_pushes_per_s: float = field(
+        default=200.0,
+        metadata={"cast": _positive_float, "help": "pushes per user per second, per process"},
+    )
+    rate_requests_per_s: float = field(
+        default=200.0,
+        metadata={
+            "cast": _positive_float,
+            "help": "HTTP requests per user per second, per process",
+        },
+    )
+    rate_burst_s: float = field(
+        default=2.0,
+        metadata={"cast": _positive_float, "help": "rate limits allow bursts of this many seconds"},
     )
     max_changes_per_push: int = field(
         default=1000, metadata={"cast": _positive_int, "help": "changes in one push"}
@@ -207,7 +252,13 @@ def load(
         except ValueError as exc:
             raise ConfigError(f"{source}={raw!r} is not valid: {exc}") from None
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.jwt_secret is not None and settings.jwks_url is not None:
+        raise ConfigError(
+            "HUB_JWT_SECRET and HUB_JWKS_URL are both set: HS and asymmetric algorithms are "
+            "never mixed; set one"
+        )
+    return settings
 
 
 def known_variables() -> Sequence[str]:

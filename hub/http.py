@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from . import protocol
-from .auth import bearer_token
+from .auth import bearer_token, check_scopes, make_api_key
 from .errors import (
     BadRequest,
     Forbidden,
@@ -81,16 +82,18 @@ def endpoint(handler: Handler) -> Handler:
     return wrapped
 
 
-def principal(request: Request, scope: str) -> Principal:
-    """Authenticate the request and check it may use ``scope``."""
+async def principal(request: Request, scope: str) -> Principal:
+    """Authenticate the request, check it may use ``scope``, and take a token
+    of the user's request rate."""
     hub = hub_of(request)
     try:
-        who = hub.authenticator.authenticate(bearer_token(request.headers))
+        who = await hub.authenticator.authenticate(bearer_token(request.headers))
     except Unauthorized as exc:
         hub.count_auth_failure(exc.code)
         raise
     if not who.can(scope):
         raise Forbidden(f"this credential lacks the {scope!r} scope")
+    hub.check_rate(hub.request_limits, who.user, "requests")
     return who
 
 
@@ -113,7 +116,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def push(request: Request) -> Response:
     """POST /v1/sync/push"""
     hub = hub_of(request)
-    who = principal(request, "write")
+    who = await principal(request, "write")
+    hub.check_rate(hub.push_limits, who.user, "pushes")
     key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
     limits = hub.settings.limits
     body = await read_body(request, limits.max_http_body_bytes)
@@ -129,7 +133,7 @@ async def push(request: Request) -> Response:
 async def pull(request: Request) -> Response:
     """GET /v1/sync/pull?since=&limit=&collection="""
     hub = hub_of(request)
-    who = principal(request, "read")
+    who = await principal(request, "read")
     query = protocol.parse_pull_query(request.query_params, hub.settings.limits)
     try:
         page = await hub.store.pull(who.user, query)
@@ -143,7 +147,7 @@ async def pull(request: Request) -> Response:
 @endpoint
 async def status(request: Request) -> Response:
     """GET /v1/sync/status"""
-    who = principal(request, "read")
+    who = await principal(request, "read")
     return json_response(await hub_of(request).store.status(who.user))
 
 
@@ -152,6 +156,73 @@ async def health(request: Request) -> Response:
     """GET /health: proves the hub can reach its database (cached about a second)."""
     report = await hub_of(request).health()
     return json_response(report, 503 if report["status"] == "down" else 200)
+
+
+@endpoint
+async def list_devices(request: Request) -> Response:
+    """GET /v1/devices"""
+    hub = hub_of(request)
+    who = await principal(request, "admin")
+    devices = await hub.store.devices(who.user)
+    open_now = Counter(c.split("\t")[0] for c in await hub.presence.connections(who.user))
+    for device in devices:
+        device["connections"] = open_now.get(device["device"], 0)
+    return json_response(devices)
+
+
+@endpoint
+async def revoke_device(request: Request) -> Response:
+    """DELETE /v1/devices/{device}: its connections close with 4003 on every process."""
+    hub = hub_of(request)
+    who = await principal(request, "admin")
+    device = request.path_params["device"]
+    if not await hub.store.revoke_device(who.user, device):
+        raise NotFound(f"no device {device[:64]!r}")
+    hub.revoked("device", who.user, device)
+    return Response(status_code=204)
+
+
+@endpoint
+async def list_keys(request: Request) -> Response:
+    """GET /v1/api-keys (never the secrets)"""
+    hub = hub_of(request)
+    who = await principal(request, "admin")
+    return json_response(await hub.store.api_keys(who.user))
+
+
+@endpoint
+async def create_key(request: Request) -> Response:
+    """POST /v1/api-keys: the raw key is in this answer and nowhere else, ever."""
+    hub = hub_of(request)
+    who = await principal(request, "admin")
+    if not hub.keys_enabled:
+        raise Unavailable("API keys need HUB_API_KEY_PEPPER to be set", retry_after=3600)
+    body = protocol.loads(await read_body(request, 64 * 1024))
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    name = body.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 128:
+        raise BadRequest("'name' must be a string of 1..128 characters")
+    scopes = check_scopes(body.get("scopes"))
+    key_id, key = make_api_key()
+    created = await hub.store.create_api_key(
+        key_id, who.user, name, sorted(scopes), hub.authenticator.hash_key(key)
+    )
+    created.pop("last_used_at", None)
+    created.pop("revoked", None)
+    return json_response({**created, "key": key}, 201)
+
+
+@endpoint
+async def revoke_key(request: Request) -> Response:
+    """DELETE /v1/api-keys/{id}: soft; refused at once on every process."""
+    hub = hub_of(request)
+    who = await principal(request, "admin")
+    key_id = request.path_params["key_id"]
+    if not await hub.store.revoke_api_key(who.user, key_id):
+        raise NotFound(f"no API key {key_id[:64]!r}")
+    hub.revoked("key", who.user, key_id)
+    return Response(status_code=204)
 
 
 async def metrics(request: Request) -> Response:

@@ -40,9 +40,12 @@ from .protocol import (
     WS_1011_INTERNAL_ERROR,
     WS_1013_TOO_SLOW,
     WS_4001_UNAUTHENTICATED,
+    WS_4003_FORBIDDEN,
+    WS_4008_RATE_LIMITED,
     WS_4009_TOO_MANY_CONNECTIONS,
     WS_4010_TOKEN_EXPIRED,
 )
+from .ratelimit import TokenBucket
 from .types import Principal, Push, PushResult
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ log = logging.getLogger("hub.session")
 SUBSCRIBE_WAIT_S = 2.0
 EXPIRY_WARNING_S = 60.0
 MAX_PUSHES_IN_FLIGHT = 64
+MAX_STRIKES = 20
 MAX_PULL_ANSWER_BYTES = 1024 * 1024 - 1024
 
 
@@ -78,6 +82,11 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._in_flight = 0
+        settings = hub.settings
+        self._messages = TokenBucket(
+            settings.rate_messages_per_s, settings.rate_burst_s, time.monotonic()
+        )
+        self._strikes = 0  # messages refused in a row; past MAX_STRIKES: close 4008
 
     # -- the coordinator's side ------------------------------------------------
 
@@ -167,11 +176,26 @@ class Session:
             if not self._closing:
                 await self._close_now(WS_4001_UNAUTHENTICATED, "no auth message in time")
             return
-        principal, device, mode = auth
+        principal, device, mode, name, platform = auth
         self.principal, self.user, self.device = principal, principal.user, device
         self.notify_only = mode == "notify"
+        try:
+            registered = await hub.store.register_device(self.user, device, name, platform)
+        except Exception:
+            log.exception("could not register a device")
+            await self._close_now(WS_1011_INTERNAL_ERROR, "internal error")
+            return
+        if not registered:
+            await self._close_now(WS_4003_FORBIDDEN, "this device was revoked")
+            return
+        member = f"{device}\t{self.id}"
+        limit = hub.settings.max_connections_per_user
+        if not await hub.presence.acquire(self.user, member, limit):
+            await self._close_now(WS_4009_TOO_MANY_CONNECTIONS, "too many connections")
+            return
         ready = hub.coordinators.attach(self)
         if ready is None:
+            hub.presence.release(self.user, member)
             await self._close_now(WS_4009_TOO_MANY_CONNECTIONS, "too many connections")
             return
         try:
@@ -194,6 +218,7 @@ class Session:
             self.close_soon(WS_1011_INTERNAL_ERROR, "internal error")
         finally:
             hub.coordinators.detach(self)
+            hub.presence.release(self.user, member)
             for timer in self._timers:
                 timer.cancel()
             if self._writer is not None:
@@ -203,11 +228,12 @@ class Session:
         self._closing = (code, reason)
         await self._send_close()
 
-    async def _authenticate(self) -> tuple[Principal, str, str]:
+    async def _authenticate(self) -> tuple[Principal, str, str, str | None, str | None]:
         hub = self.hub
         params = self.query
+        name = platform = None
         if "authorization" in self.headers:
-            principal = hub.authenticator.authenticate(bearer_token(self.headers))
+            principal = await hub.authenticator.authenticate(bearer_token(self.headers))
             device = params.get("device")
             mode = params.get("mode", "events")
             if mode not in protocol.MODES:
@@ -217,14 +243,15 @@ class Session:
             if message["type"] == "websocket.disconnect":
                 raise Disconnected()
             auth = protocol.parse_auth(protocol.loads(_payload(message)))
-            principal = hub.authenticator.authenticate(auth.token)
+            principal = await hub.authenticator.authenticate(auth.token)
             device, mode = auth.device or params.get("device"), auth.mode
+            name, platform = auth.device_name, auth.platform
         if not protocol.valid_device(device):
             raise Unauthorized("a device id is required: 1..64 characters of [A-Za-z0-9_.:-]")
         assert device is not None
         if not principal.can("read"):
             raise Forbidden("this credential cannot receive events")
-        return principal, device, mode
+        return principal, device, mode, name, platform
 
     def _schedule_expiry(self) -> None:
         for timer in self._timers:
@@ -264,6 +291,14 @@ class Session:
                 raise BadRequest("a message must be a JSON object")
             if isinstance(message.get("id"), str):
                 mid = message["id"][: protocol.MAX_MESSAGE_ID_CHARS]
+            wait = self._messages.take(time.monotonic())
+            if wait:
+                self._strikes += 1
+                if self._strikes > MAX_STRIKES:
+                    self.close_soon(WS_4008_RATE_LIMITED, "rate limited")
+                    return
+                raise RateLimited(f"too many messages; retry in {wait:.2f}s", wait)
+            self._strikes = 0
             kind = message.get("type")
             if kind == "push":
                 self._push(message)
@@ -273,7 +308,7 @@ class Session:
             elif kind == "ping":
                 self.deliver('{"type":"pong"}')
             elif kind == "auth":
-                self._refresh(message)
+                asyncio.get_running_loop().create_task(self._refresh(message, mid))
             else:
                 raise BadRequest(f"unknown message type {str(kind)[:40]!r}")
         except HubError as exc:
@@ -287,6 +322,7 @@ class Session:
             raise Forbidden("this credential cannot push")
         if self._in_flight >= MAX_PUSHES_IN_FLIGHT:
             raise RateLimited("too many pushes in flight on this connection; wait for acks", 1.0)
+        self.hub.check_rate(self.hub.push_limits, self.user, "pushes")
         if "changes" not in message:
             raise BadRequest("'changes' is required")
         changes = protocol.parse_changes(
@@ -343,11 +379,16 @@ class Session:
         except HubError as exc:
             self.deliver(protocol.error_message(exc.code, exc.message, mid))
 
-    def _refresh(self, message: dict[str, Any]) -> None:
-        auth = protocol.parse_auth(message)
-        principal = self.hub.authenticator.authenticate(auth.token)
-        if principal.user != self.user:
-            raise Forbidden("a token of another user cannot be used on this connection")
+    async def _refresh(self, message: dict[str, Any], mid: str | None) -> None:
+        """Swap in a fresh token of the same user before the old one expires."""
+        try:
+            auth = protocol.parse_auth(message)
+            principal = await self.hub.authenticator.authenticate(auth.token)
+            if principal.user != self.user:
+                raise Forbidden("a token of another user cannot be used on this connection")
+        except HubError as exc:
+            self.deliver(protocol.error_message(exc.code, exc.message, mid))
+            return
         self.principal = principal
         self._schedule_expiry()
         self.deliver(orjson.dumps({"type": "auth_ok", "expires_at": principal.expires_at}).decode())

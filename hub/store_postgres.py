@@ -37,6 +37,7 @@ import orjson
 from orjson import Fragment
 
 from .errors import (
+    Forbidden,
     HubError,
     IdempotencyKeyReused,
     Internal,
@@ -46,7 +47,7 @@ from .errors import (
 )
 from .merge import FieldState, RecordState, apply_delete, apply_upsert
 from .protocol import PullQuery
-from .types import Cursor, Delta, PullPage, Push, PushResult
+from .types import ApiKeyRecord, Cursor, Delta, PullPage, Push, PushResult
 
 __all__ = ["PostgresStore", "read_schema"]
 
@@ -112,6 +113,11 @@ FROM json_array_elements($2::json) AS k
 JOIN hub_records r ON r.user_id = k->>0 AND r.collection = k->>1 AND r.record_id = k->>2
 LEFT JOIN hub_fields f ON f.user_id = r.user_id AND f.collection = r.collection
     AND f.record_id = r.record_id
+UNION ALL
+SELECT 'd', d.user_id, d.device, NULL, NULL, NULL, NULL, NULL
+FROM json_array_elements($3::json) AS k
+JOIN hub_devices d ON d.user_id = k->>0 AND d.device = k->>1
+WHERE d.revoked_at IS NOT NULL
 """
 
 # Everything a batch writes, in one statement. The rows come as JSON arrays
@@ -224,6 +230,48 @@ GROUP BY r.collection ORDER BY r.collection
 """
 
 STATUS_DEVICES = "SELECT device FROM hub_devices WHERE user_id = $1 ORDER BY device"
+
+REGISTER_DEVICE = """
+INSERT INTO hub_devices AS t (user_id, device, name, platform) VALUES ($1, $2, $3, $4)
+ON CONFLICT (user_id, device) DO UPDATE
+    SET name = coalesce(excluded.name, t.name),
+        platform = coalesce(excluded.platform, t.platform), last_seen = now()
+RETURNING revoked_at
+"""
+
+LIST_DEVICES = """
+SELECT device, name, platform, first_seen, last_seen, revoked_at
+FROM hub_devices WHERE user_id = $1 ORDER BY first_seen, device
+"""
+
+REVOKE_DEVICE = """
+UPDATE hub_devices SET revoked_at = coalesce(revoked_at, now())
+WHERE user_id = $1 AND device = $2
+"""
+
+KEY_COLUMNS = "id, name, scopes, created_at, last_used_at, revoked_at"
+
+CREATE_KEY = f"""
+INSERT INTO hub_api_keys (id, user_id, name, scopes, key_hash) VALUES ($1, $2, $3, $4, $5)
+RETURNING {KEY_COLUMNS}
+"""
+
+LIST_KEYS = f"""
+SELECT {KEY_COLUMNS} FROM hub_api_keys WHERE user_id = $1 ORDER BY created_at, id
+"""
+
+REVOKE_KEY = """
+UPDATE hub_api_keys SET revoked_at = coalesce(revoked_at, now())
+WHERE user_id = $1 AND id = $2
+"""
+
+FIND_KEY = "SELECT user_id, scopes, key_hash, revoked_at FROM hub_api_keys WHERE id = $1"
+
+TOUCH_KEYS = """
+UPDATE hub_api_keys AS k SET last_used_at = to_timestamp(x.t)
+FROM unnest($1::text[], $2::float8[]) AS x(id, t)
+WHERE k.id = x.id AND (k.last_used_at IS NULL OR k.last_used_at < to_timestamp(x.t))
+"""
 
 RETENTION_LOCK = 0x6875625F726574  # advisory lock: one purging process at a time
 
@@ -395,12 +443,16 @@ class PostgresStore:
             versions = {r[0]: r[1] for r in rows}
             receipts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
             state: dict[tuple[str, str, str], RecordState] = {}
-            rows = await con.fetch(
-                READ, orjson.dumps(keyed).decode(), orjson.dumps(touched).decode()
-            )
+            devices = sorted({(p.user, p.device) for p in pushes})
+            keys = [orjson.dumps(k).decode() for k in (keyed, touched, devices)]
+            rows = await con.fetch(READ, *keys)
+            revoked: set[tuple[str, str]] = set()
             for kind, u, a, b, name, stamp, digest, text in rows:
                 if kind == "r":
                     receipts[(u, a, b)] = (digest, text)
+                    continue
+                if kind == "d":
+                    revoked.add((u, a))
                     continue
                 record = state.get((u, a, b))
                 if record is None:
@@ -408,7 +460,12 @@ class PostgresStore:
                 if name is not None:
                     record.fields[name] = FieldState(None, stamp)  # the value is not read
             plan = _Plan()
-            results = [_merge(p, versions, receipts, state, plan) for p in pushes]
+            results = [
+                Forbidden("this device was revoked")
+                if (p.user, p.device) in revoked
+                else _merge(p, versions, receipts, state, plan)
+                for p in pushes
+            ]
             plan.devices = self._unseen(plan.devices)
             await con.execute(WRITE, *plan.arguments())
         now = time.monotonic()
@@ -499,6 +556,77 @@ class PostgresStore:
         async with self.pool.acquire() as con:
             done = await con.execute("UPDATE hub_users SET horizon = version + 1")
         return int(done.split()[-1])
+
+    # -- devices -------------------------------------------------------------------
+
+    async def register_device(
+        self, user: str, device: str, name: str | None, platform: str | None
+    ) -> bool:
+        """Record a connecting device (name and platform when given); False when revoked."""
+        async with self.pool.acquire() as con:
+            revoked = await con.fetchval(REGISTER_DEVICE, user, device, name, platform)
+        return revoked is None
+
+    async def devices(self, user: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(LIST_DEVICES, user)
+        return [
+            {
+                "device": r["device"],
+                "name": r["name"],
+                "platform": r["platform"],
+                "first_seen": r["first_seen"].isoformat(),
+                "last_seen": r["last_seen"].isoformat(),
+                "revoked": r["revoked_at"] is not None,
+            }
+            for r in rows
+        ]
+
+    async def revoke_device(self, user: str, device: str) -> bool:
+        """Revoke; False when the user has no such device."""
+        async with self.pool.acquire() as con:
+            done = await con.execute(REVOKE_DEVICE, user, device)
+        return done != "UPDATE 0"
+
+    # -- API keys ----------------------------------------------------------------------
+
+    async def create_api_key(
+        self, key_id: str, user: str, name: str, scopes: list[str], key_hash: bytes
+    ) -> dict[str, Any]:
+        async with self.pool.acquire() as con:
+            row = await con.fetchrow(CREATE_KEY, key_id, user, name, scopes, key_hash)
+        assert row is not None
+        return _key_body(row)
+
+    async def api_keys(self, user: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(LIST_KEYS, user)
+        return [_key_body(r) for r in rows]
+
+    async def revoke_api_key(self, user: str, key_id: str) -> bool:
+        async with self.pool.acquire() as con:
+            done = await con.execute(REVOKE_KEY, user, key_id)
+        return done != "UPDATE 0"
+
+    async def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        async with self.pool.acquire() as con:
+            row = await con.fetchrow(FIND_KEY, key_id)
+        if row is None:
+            return None
+        return ApiKeyRecord(
+            key_id,
+            row["user_id"],
+            frozenset(row["scopes"]),
+            bytes(row["key_hash"]),
+            row["revoked_at"] is not None,
+        )
+
+    async def keys_used(self, used: dict[str, float]) -> None:
+        """Record when keys were last used, in one statement for many."""
+        if not used:
+            return
+        async with self.pool.acquire() as con:
+            await con.execute(TOUCH_KEYS, list(used), list(used.values()))
 
     async def status(self, user: str) -> dict[str, Any]:
         async with self.pool.acquire() as con:
@@ -622,6 +750,17 @@ def _push_deltas(
             )
         )
     return tuple(deltas)
+
+
+def _key_body(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "scopes": sorted(row["scopes"]),
+        "created_at": row["created_at"].isoformat(),
+        "last_used_at": row["last_used_at"].isoformat() if row["last_used_at"] else None,
+        "revoked": row["revoked_at"] is not None,
+    }
 
 
 def _rejection(exc: asyncpg.PostgresError) -> HubError:

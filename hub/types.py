@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "ApiKeyRecord",
     "Change",
     "Cursor",
     "Delta",
@@ -135,3 +136,14 @@ class Principal:
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A stored API key: whose it is, what it may do, the HMAC of the key."""
+
+    id: str
+    user: str
+    scopes: frozenset[str]
+    key_hash: bytes
+    revoked: bool

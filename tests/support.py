@@ -136,6 +136,7 @@ def spawn_hub(
     env.update(
         {
             "HUB_JWT_SECRET": JWT_SECRET,
+            "HUB_API_KEY_PEPPER": "test-pepper-" + "p" * 20,
             "HUB_PORT": "0",
             "HUB_HOST": "127.0.0.1",
             "HUB_DATA_DIR": str(log_dir / "data"),

@@ -197,7 +197,8 @@ def test_secrets_are_not_in_repr() -> None:
         "HUB_DATABASE_URL": "postgresql://hub:pg-pass-123@db/hub",
         "HUB_REDIS_URL": "redis://:redis-pass-456@cache:6379",
         "HUB_JWT_SECRET": "jwt-secret-789",
-        "HUB_JWKS_URL": "https://id.example/jwks-public",
+        "HUB_API_KEY_PEPPER": "pepper-000",
+        "HUB_JWT_AUDIENCE": "aud-public",
     }
     s = load(env)
     for text in (repr(s), str(s), f"{s}", f"{s!r}"):
@@ -205,13 +206,15 @@ def test_secrets_are_not_in_repr() -> None:
             "pg-pass-123",
             "redis-pass-456",
             "jwt-secret-789",
+            "pepper-000",
             "database_url",
             "redis_url",
             "jwt_secret",
+            "api_key_pepper",
         ):
             assert secret not in text
         # Non-secret settings are still shown.
-        assert "jwks-public" in text
+        assert "aud-public" in text
     # The values themselves are kept.
     assert s.database_url == env["HUB_DATABASE_URL"]
     assert s.redis_url == env["HUB_REDIS_URL"]
@@ -231,3 +234,9 @@ def test_settings_limits_feed_the_protocol() -> None:
     change = {"collection": "c", "id": "i", "op": "delete", "hlc": "0000000000001-0000-d"}
     with pytest.raises(PayloadTooLarge):
         parse_changes([change] * 3, s.limits, 0)
+
+
+def test_a_jwt_secret_and_a_jwks_together_stop_start_up() -> None:
+    env = {"HUB_JWT_SECRET": "s" * 40, "HUB_JWKS_URL": "https://id.example/jwks"}
+    with pytest.raises(ConfigError, match="HUB_JWT_SECRET and HUB_JWKS_URL"):
+        load(env)

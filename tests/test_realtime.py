@@ -260,7 +260,7 @@ async def _try_connect(hub, user, device):
 
 
 async def test_a_connection_that_stops_reading_is_closed_with_1013(hub_factory):
-    hub = hub_factory({"HUB_SEND_QUEUE_SIZE": "8"})
+    hub = hub_factory({"HUB_SEND_QUEUE_SIZE": "8", "HUB_RATE_MESSAGES_PER_S": "10000"})
     user = new_user()
     slow = await StalledClient.open(hub, user, "slow")
     fast = await connect(hub, user, "fast")

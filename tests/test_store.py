@@ -356,7 +356,7 @@ async def test_cached_plans_look_rows_up_by_index_even_on_an_empty_database(data
         keys = orjson.dumps([[f"u{i}", "c", f"k{i}"] for i in range(64)]).decode()
         async with store.pool.acquire() as con:
             for sql, args in (
-                (READ, [keys, keys]),
+                (READ, [keys, keys, keys]),
                 (PULL, ["u", 0, "", "", 10, None]),
             ):
                 plan = "\n".join(r[0] for r in await con.fetch("EXPLAIN " + sql, *args))
