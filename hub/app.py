@@ -266,7 +266,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = await PostgresStore.connect(
-            database_url, max_size=settings.db_pool_size, timeout=settings.db_timeout_s
+            database_url,
+            max_size=settings.db_pool_size,
+            timeout=settings.db_timeout_s,
+            event_bytes=settings.max_event_bytes,
         )
         broker: Broker = RedisBroker(settings.redis_url) if settings.redis_url else MemoryBroker()
         presence: Presence = (

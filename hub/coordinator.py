@@ -217,7 +217,9 @@ class Coordinators:
             self.metrics.events_published.inc()
 
     def _event(self, push: Push, origin: str | None, result: PushResult) -> Event:
-        collections = tuple(sorted({d.collection for d in result.deltas}))
+        collections = result.collections
+        if result.deltas is None:  # too large for a change event: sync_available
+            return Event(self.process_id, origin, result.version, collections, None, time.time())
         data = orjson.dumps(
             {
                 "type": "change",

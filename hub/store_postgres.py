@@ -372,15 +372,23 @@ def _fragment(text: str | None) -> Fragment | None:
 class PostgresStore:
     """The :class:`hub.store.Store` on PostgreSQL, over an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, event_bytes: int = 64 * 1024) -> None:
         self.pool = pool
+        # A push whose event would be larger gets no deltas (sync_available).
+        self.event_bytes = event_bytes
         # Devices this process recorded lately: their last_seen is fresh enough,
         # so batches need not send them again (bounded; cleared when full).
         self._seen_devices: dict[tuple[str, str], float] = {}
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        event_bytes: int = 64 * 1024,
     ) -> PostgresStore:
         """Open a pool and apply the schema (idempotent; safe with several processes)."""
         pool = await asyncpg.create_pool(
@@ -399,7 +407,7 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
-        return cls(pool)
+        return cls(pool, event_bytes=event_bytes)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -463,7 +471,7 @@ class PostgresStore:
             results = [
                 Forbidden("this device was revoked")
                 if (p.user, p.device) in revoked
-                else _merge(p, versions, receipts, state, plan)
+                else _merge(p, versions, receipts, state, plan, self.event_bytes)
                 for p in pushes
             ]
             plan.devices = self._unseen(plan.devices)
@@ -649,6 +657,7 @@ def _merge(
     receipts: dict[tuple[str, str, str], tuple[bytes, str]],
     state: dict[tuple[str, str, str], RecordState],
     plan: _Plan,
+    event_bytes: int,
 ) -> PushResult | HubError:
     """Merge one push into the batch's state and plan; its answer."""
     user = push.user
@@ -701,12 +710,14 @@ def _merge(
     if applied:
         versions[user] = version
         plan.versions[user] = version
+        big = _event_estimate(push) > event_bytes
         result = PushResult(
             version,
             applied,
             ignored,
             prev=current,
-            deltas=_push_deltas(push, version, state, written, deletes),
+            deltas=None if big else _push_deltas(push, version, state, written, deletes),
+            collections=tuple(sorted({c.collection for c in push.changes})),
         )
     else:
         result = PushResult(current, 0, ignored, prev=current)
@@ -715,6 +726,15 @@ def _merge(
         receipts[(user, push.scope, push.key)] = (push.digest, response)
         plan.receipts[(user, push.scope, push.key)] = (push.digest, response)
     return result
+
+
+def _event_estimate(push: Push) -> int:
+    """About the size of a push's change event, cheaply (no encoding)."""
+    size = 160 * len(push.changes)
+    for change in push.changes:
+        for f in change.fields:
+            size += len(f.value) + len(f.name) + 60
+    return size
 
 
 def _push_deltas(

@@ -71,7 +71,9 @@ class PushResult:
 
     ``prev`` is the user's version just before this push (equal to
     ``version`` when nothing was applied); ``deltas`` are the record deltas
-    the push wrote, for the change event; ``replay`` marks a stored answer.
+    the push wrote, for the change event, or None when that event would be
+    too large anyway (it becomes ``sync_available`` for ``collections``);
+    ``replay`` marks a stored answer.
     """
 
     version: int
@@ -79,7 +81,8 @@ class PushResult:
     ignored: int
     prev: int = 0
     replay: bool = False
-    deltas: tuple[Delta, ...] = field(default=(), compare=False, repr=False)
+    deltas: tuple[Delta, ...] | None = field(default=(), compare=False, repr=False)
+    collections: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def body(self) -> dict[str, int]:
         return {"version": self.version, "applied": self.applied, "ignored": self.ignored}
