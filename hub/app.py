@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,7 +28,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
 from . import http, logs
@@ -57,6 +59,7 @@ HEALTH_CACHE_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 SAMPLE_S = 1.0
 KEYS_USED_FLUSH_S = 30.0
+STATIC = Path(__file__).resolve().parent / "static"  # the browser client and the demo
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CORS_REQUEST_HEADERS = [
     "Authorization",
@@ -94,6 +97,7 @@ class Hub:
         self.broker = broker
         self.authenticator = authenticator
         self.presence: Presence = presence or MemoryPresence()
+        self.development_secret: str | None = None  # set only in development mode
         self.keys_enabled = keys_enabled
         self.push_limits = Buckets(settings.rate_pushes_per_s, settings.rate_burst_s)
         self.request_limits = Buckets(settings.rate_requests_per_s, settings.rate_burst_s)
@@ -291,6 +295,8 @@ def create_app(
         hub = Hub(
             settings, store, broker, authenticator, presence, keys_enabled=bool(api_key_pepper)
         )
+        if settings.development_secret:
+            hub.development_secret = jwt_secret
         hub.start()
         app.state.hub = hub
         if on_ready is not None:
@@ -315,6 +321,9 @@ def create_app(
         Route("/v1/api-keys", http.list_keys, methods=["GET"]),
         Route("/v1/api-keys", http.create_key, methods=["POST"]),
         Route("/v1/api-keys/{key_id}", http.revoke_key, methods=["DELETE"]),
+        Route("/dev/token", http.development_token, methods=["GET"]),
+        Mount("/client", StaticFiles(directory=STATIC, html=False), name="client"),
+        Route("/", http.demo, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -14,15 +14,16 @@ import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from . import protocol
-from .auth import bearer_token, check_scopes, make_api_key
+from .auth import bearer_token, check_scopes, make_api_key, make_token
 from .errors import (
     BadRequest,
     Forbidden,
@@ -46,6 +47,9 @@ __all__ = ["endpoint", "error_response", "json_response"]
 log = logging.getLogger("hub.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+DEV_TOKEN_TTL_S = 3600
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -225,10 +229,29 @@ async def revoke_key(request: Request) -> Response:
     return Response(status_code=204)
 
 
+@endpoint
+async def development_token(request: Request) -> Response:
+    """GET /dev/token?user=demo: a token for the demo app. Exists only while the
+    hub runs with its development secret (never with a configured secret)."""
+    hub = hub_of(request)
+    if hub.development_secret is None:
+        raise NotFound("no such endpoint: /dev/token")
+    user = request.query_params.get("user", "demo")
+    if not 1 <= len(user) <= 128 or "\x00" in user:
+        raise BadRequest("'user' must be 1..128 characters")
+    token = make_token(hub.development_secret, user, ttl_s=DEV_TOKEN_TTL_S)
+    return json_response({"token": token, "user": user, "expires_in_s": DEV_TOKEN_TTL_S})
+
+
 async def metrics(request: Request) -> Response:
     """GET /metrics: Prometheus text (all workers of this hub in multi-process mode)."""
     body = hub_of(request).metrics.exposition()
     return Response(body, 200, media_type=CONTENT_TYPE_LATEST)
+
+
+async def demo(request: Request) -> Response:
+    """GET /: the demo app (a todo list on the browser client)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
 async def live(request: Request) -> Response:

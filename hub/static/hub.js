@@ -1,0 +1,2 @@
+// The browser client of the hub is served here.
+export {};
