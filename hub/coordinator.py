@@ -33,7 +33,7 @@ import orjson
 from .broker import Broker
 from .committer import Committer
 from .metrics import Metrics
-from .protocol import delta_body
+from .protocol import delta_body, text_frame
 from .types import Push, PushResult
 
 __all__ = ["Coordinator", "Coordinators", "Receiver"]
@@ -49,8 +49,9 @@ class Receiver(Protocol):
     device: str
     notify_only: bool
 
-    def deliver(self, text: str) -> None:
-        """Queue an outgoing message without waiting (may close a slow connection)."""
+    def deliver(self, text: str, frame: bytes | None = None) -> None:
+        """Queue an outgoing message without waiting (may close a slow connection);
+        ``frame`` is the same message as a pre-built WebSocket frame."""
         ...
 
     def close_soon(self, code: int, reason: str) -> None: ...
@@ -109,6 +110,7 @@ class Coordinator:
         """Send an event to every local connection but its origin; how many got
         a ``change`` and how many a ``sync_available``."""
         notify: str | None = None
+        frame: bytes | None = None  # the change message as a frame, built once
         sent = notified = 0
         for conn in list(self.connections.values()):
             if conn.id == event.connection:
@@ -119,7 +121,9 @@ class Coordinator:
                 conn.deliver(notify)
                 notified += 1
             else:
-                conn.deliver(event.change)
+                if frame is None:
+                    frame = text_frame(event.change.encode())
+                conn.deliver(event.change, frame)
                 sent += 1
         return sent, notified
 

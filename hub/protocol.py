@@ -325,6 +325,17 @@ def pull_body(page: PullPage) -> dict[str, Any]:
     }
 
 
+def text_frame(payload: bytes) -> bytes:
+    """A whole unmasked WebSocket text frame (RFC 6455, server to client):
+    built once per event, the same bytes go to every receiver."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+
+
 # WebSocket close codes of PROTOCOL.md.
 WS_1000_NORMAL = 1000
 WS_1009_MESSAGE_TOO_BIG = 1009

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from .protocol import WS_4000_HEARTBEAT_TIMEOUT
 
@@ -34,7 +35,28 @@ DRAIN_STEP_S = 0.05
 
 
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, closing a silent peer with 4000, not 1011."""
+    """uvicorn's WebSocket protocol, closing a silent peer with 4000, not 1011,
+    and taking pre-built frames (:meth:`write_frame`) for fan-out."""
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write a whole pre-built text frame now if the socket takes it.
+
+        False when it cannot go out at once (the peer reads slowly, or the
+        connection is closing): the caller then queues and uses ASGI ``send``,
+        which waits. Frames are whole, so they never interleave with uvicorn's
+        own pings or closes.
+        """
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or not self.writable.is_set()
+            or self.conn.state is not State.OPEN
+            or self.transport.is_closing()
+        ):
+            return False
+        self.transport.write(frame)
+        return True
 
     def keepalive_timeout(self) -> None:
         self.pong_timer = None

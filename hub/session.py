@@ -44,8 +44,10 @@ from .protocol import (
     WS_4008_RATE_LIMITED,
     WS_4009_TOO_MANY_CONNECTIONS,
     WS_4010_TOKEN_EXPIRED,
+    text_frame,
 )
 from .ratelimit import TokenBucket
+from .server import HeartbeatProtocol
 from .types import Principal, Push, PushResult
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ class Session:
         self._receive = receive
         self._send = send
         self._sending = False  # a send is under way (suspended on a busy socket)
+        owner = getattr(send, "__self__", None)
+        self._frames = owner if isinstance(owner, HeartbeatProtocol) else None
         self.id = "c-" + secrets.token_hex(8)
         self.user = ""
         self.device = ""
@@ -90,10 +94,18 @@ class Session:
 
     # -- the coordinator's side ------------------------------------------------
 
-    def deliver(self, text: str) -> None:
-        """Send at once when the socket takes it, else queue (bounded) for the writer."""
+    def deliver(self, text: str, frame: bytes | None = None) -> None:
+        """Send at once when the socket takes it, else queue (bounded) for the writer.
+
+        ``frame`` is ``text`` as a pre-built WebSocket frame (an event's, built
+        once for all its receivers); written straight to the socket when the
+        server supports it and nothing is queued before it.
+        """
         if self._closing is not None:
             return
+        if not self._sending and not self._queue and self._frames is not None:
+            if self._frames.write_frame(frame or text_frame(text.encode())):
+                return
         if self._sending or self._queue:
             if len(self._queue) >= self.hub.settings.send_queue_size:
                 self.hub.metrics.slow_closes.inc()
