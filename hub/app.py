@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -59,7 +58,6 @@ HEALTH_CACHE_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 SAMPLE_S = 1.0
 KEYS_USED_FLUSH_S = 30.0
-STATIC = Path(__file__).resolve().parent / "static"  # the browser client and the demo
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CORS_REQUEST_HEADERS = [
     "Authorization",
@@ -322,7 +320,7 @@ def create_app(
         Route("/v1/api-keys", http.create_key, methods=["POST"]),
         Route("/v1/api-keys/{key_id}", http.revoke_key, methods=["DELETE"]),
         Route("/dev/token", http.development_token, methods=["GET"]),
-        Mount("/client", StaticFiles(directory=STATIC, html=False), name="client"),
+        Mount("/client", StaticFiles(directory=http.STATIC, html=False), name="client"),
         Route("/", http.demo, methods=["GET"]),
     ]
     app = Starlette(

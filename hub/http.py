@@ -177,12 +177,18 @@ async def list_devices(request: Request) -> Response:
 @endpoint
 async def revoke_device(request: Request) -> Response:
     """DELETE /v1/devices/{device}: its connections close with 4003 on every process."""
+    return await _revoke(request, "device", "device")
+
+
+async def _revoke(request: Request, kind: str, param: str) -> Response:
+    """Revoke a device or an API key of the caller's user; 404 when it has none."""
     hub = hub_of(request)
     who = await principal(request, "admin")
-    device = request.path_params["device"]
-    if not await hub.store.revoke_device(who.user, device):
-        raise NotFound(f"no device {device[:64]!r}")
-    hub.revoked("device", who.user, device)
+    value = request.path_params[param]
+    revoke = hub.store.revoke_device if kind == "device" else hub.store.revoke_api_key
+    if not await revoke(who.user, value):
+        raise NotFound(f"no {'API key' if kind == 'key' else kind} {value[:64]!r}")
+    hub.revoked(kind, who.user, value)
     return Response(status_code=204)
 
 
@@ -220,13 +226,7 @@ async def create_key(request: Request) -> Response:
 @endpoint
 async def revoke_key(request: Request) -> Response:
     """DELETE /v1/api-keys/{id}: soft; refused at once on every process."""
-    hub = hub_of(request)
-    who = await principal(request, "admin")
-    key_id = request.path_params["key_id"]
-    if not await hub.store.revoke_api_key(who.user, key_id):
-        raise NotFound(f"no API key {key_id[:64]!r}")
-    hub.revoked("key", who.user, key_id)
-    return Response(status_code=204)
+    return await _revoke(request, "key", "key_id")
 
 
 @endpoint

@@ -1,2 +1,1093 @@
-// The browser client of the hub is served here.
-export {};
+// The browser client of the hub: a local-first replica in IndexedDB, kept in
+// step with the hub over one WebSocket (docs/PROTOCOL.md, version 1).
+//
+//   import { HubClient } from "/client/hub.js";
+//   const hub = new HubClient({ device: "laptop-1", token: () => fetchToken() });
+//   await hub.start();
+//   await hub.upsert("todos", "t1", { title: "Buy milk", done: false });
+//   hub.on("change", () => render(hub.list("todos")));
+//
+// An ES module without dependencies and without a build step. docs/CLIENTS-browser.md
+// describes the API, how tabs share one device, and what each close code does.
+
+// -- HLC stamps (hub/hlc.py) ---------------------------------------------------------
+
+const STAMP_RE = /^[0-9]{13}-[0-9]{4}-[A-Za-z0-9_.:-]{1,64}$/;
+const NODE_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
+const COLLECTION_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const FIELD_RE = /^[A-Za-z0-9.-][A-Za-z0-9_.-]{0,63}$/; // not starting with "_"
+export const MAX_COUNTER = 9999;
+const MAX_WALL_MS = 1e13 - 1;
+const MAX_VALUE_BYTES = 64 * 1024;
+
+/** True when `text` is a well-formed stamp `<13 digits>-<4 digits>-<node>`. */
+export function isStamp(text) {
+  return typeof text === "string" && STAMP_RE.test(text);
+}
+
+/** `"<wall_ms:13>-<counter:4>-<node>"`; stamps of this form order as plain strings. */
+export function formatStamp(wallMs, counter, node) {
+  if (!Number.isInteger(wallMs) || wallMs < 0 || wallMs > MAX_WALL_MS) {
+    throw new RangeError(`wall_ms out of range: ${wallMs}`);
+  }
+  if (!Number.isInteger(counter) || counter < 0 || counter > MAX_COUNTER) {
+    throw new RangeError(`counter out of range: ${counter}`);
+  }
+  if (!NODE_RE.test(node)) throw new RangeError(`bad node: ${node}`);
+  return `${String(wallMs).padStart(13, "0")}-${String(counter).padStart(4, "0")}-${node}`;
+}
+
+/** `{wallMs, counter, node}` of a stamp; throws on a malformed one. */
+export function parseStamp(text) {
+  if (!isStamp(text)) throw new RangeError(`not an HLC stamp: ${text}`);
+  return {
+    wallMs: Number(text.slice(0, 13)),
+    counter: Number(text.slice(14, 18)),
+    node: text.slice(19),
+  };
+}
+
+/**
+ * One tick of a hybrid logical clock whose state is `{wallMs, counter}`:
+ * the next state, greater than the given one and close to `nowMs`.
+ * (A spent counter borrows the next millisecond, as hub/hlc.py does.)
+ */
+export function tickClock(state, nowMs) {
+  const { wallMs, counter } = state || { wallMs: 0, counter: 0 };
+  if (nowMs > wallMs) return { wallMs: nowMs, counter: 0 };
+  if (counter < MAX_COUNTER) return { wallMs, counter: counter + 1 };
+  return { wallMs: wallMs + 1, counter: 0 };
+}
+
+/** The clock state moved past a stamp seen from elsewhere (never backwards). */
+export function observeClock(state, stamp) {
+  const seen = parseStamp(stamp);
+  const cur = state || { wallMs: 0, counter: 0 };
+  if (seen.wallMs > cur.wallMs || (seen.wallMs === cur.wallMs && seen.counter > cur.counter)) {
+    return { wallMs: seen.wallMs, counter: seen.counter };
+  }
+  return cur;
+}
+
+// -- The merge (hub/merge.py, exactly) ----------------------------------------------
+//
+// A record is `{fields: {name: {value, hlc}}, deleted_hlc: string | null}`.
+// A field write wins only when its stamp is greater than the stored field's and
+// than the record's delete stamp; a delete raises the delete stamp; a field is
+// visible only when stamped after the delete stamp. Stamps compare as strings.
+
+const own = (obj, key) => Object.prototype.hasOwnProperty.call(obj, key);
+
+/** A record nobody wrote yet. */
+export function newRecord() {
+  return { fields: {}, deleted_hlc: null };
+}
+
+/** Apply field writes `[name, value, hlc]`; the names that changed. */
+export function applyUpsert(record, writes) {
+  const changed = [];
+  const cut = record.deleted_hlc;
+  for (const [name, value, hlc] of writes) {
+    if (cut !== null && cut !== undefined && hlc <= cut) continue;
+    if (own(record.fields, name) && hlc <= record.fields[name].hlc) continue;
+    record.fields[name] = { value, hlc };
+    changed.push(name);
+  }
+  return changed;
+}
+
+/** Raise the delete stamp; true when it changed. */
+export function applyDelete(record, hlc) {
+  if (record.deleted_hlc !== null && record.deleted_hlc !== undefined && hlc <= record.deleted_hlc) {
+    return false;
+  }
+  record.deleted_hlc = hlc;
+  return true;
+}
+
+/** Apply one change as pushed (`op` upsert or delete); true when it altered the record. */
+export function applyChange(record, change) {
+  if (change.op === "delete") return applyDelete(record, change.hlc);
+  const writes = Object.entries(change.fields).map(([n, f]) => [n, f.value, f.hlc]);
+  return applyUpsert(record, writes).length > 0;
+}
+
+/** Apply a record delta from a pull or an event (idempotent, any order); true when it altered the record. */
+export function applyDelta(record, delta) {
+  let changed = false;
+  if (delta.deleted_hlc !== null && delta.deleted_hlc !== undefined) {
+    changed = applyDelete(record, delta.deleted_hlc);
+  }
+  const writes = Object.entries(delta.fields || {}).map(([n, f]) => [n, f.value, f.hlc]);
+  return applyUpsert(record, writes).length > 0 || changed;
+}
+
+/** The fields that are part of the record's state: stamped after its delete stamp. */
+export function visibleFields(record) {
+  const cut = record.deleted_hlc;
+  const out = {};
+  for (const [name, f] of Object.entries(record.fields)) {
+    if (cut === null || cut === undefined || f.hlc > cut) out[name] = f;
+  }
+  return out;
+}
+
+/** Deleted: it has a delete stamp and no field stamped after it. */
+export function isDeleted(record) {
+  const cut = record.deleted_hlc;
+  if (cut === null || cut === undefined) return false;
+  return !Object.values(record.fields).some((f) => f.hlc > cut);
+}
+
+// -- IndexedDB, with promises ---------------------------------------------------------
+//
+// Every read-modify-write runs in one readwrite transaction, and only awaits
+// requests of that transaction, so it stays active. IndexedDB runs readwrite
+// transactions on the same stores one after another, across tabs too: that is
+// what makes the clock tick, the merge and the outbox atomic per device.
+
+const RECORDS = "records";
+const OUTBOX = "outbox";
+const META = "meta";
+
+function req(request) {
+  return new Promise((resolve, reject) => {
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+function openDatabase(name) {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open(name, 1);
+    open.onupgradeneeded = () => {
+      const db = open.result;
+      db.createObjectStore(RECORDS); // key [collection, id]
+      const outbox = db.createObjectStore(OUTBOX, { keyPath: "seq", autoIncrement: true });
+      outbox.createIndex("batch", "batch");
+      db.createObjectStore(META);
+    };
+    open.onsuccess = () => resolve(open.result);
+    open.onerror = () => reject(open.error);
+    open.onblocked = () => reject(new Error(`IndexedDB ${name} is blocked by an older version`));
+  });
+}
+
+async function transact(db, stores, mode, work) {
+  const tx = db.transaction(stores, mode);
+  const finished = new Promise((resolve, reject) => {
+    tx.oncomplete = () => resolve();
+    tx.onerror = () => reject(tx.error);
+    tx.onabort = () => reject(tx.error || new DOMException("transaction aborted", "AbortError"));
+  });
+  let result;
+  try {
+    result = await work(tx);
+  } catch (err) {
+    try {
+      tx.abort();
+    } catch {
+      // already finished
+    }
+    finished.catch(() => {});
+    throw err;
+  }
+  await finished;
+  return result;
+}
+
+function recordKey(collection, id) {
+  return [collection, id];
+}
+
+// -- The client ----------------------------------------------------------------------
+
+const BACKOFF_BASE_MS = 500;
+const BACKOFF_CAP_MS = 30_000;
+const MAX_BATCH_CHANGES = 200;
+const MAX_BATCH_BYTES = 512 * 1024;
+const MAX_PUSHES_IN_FLIGHT = 4;
+const PULL_LIMIT = 500;
+const GAP_WAIT_MS = 150;
+
+/** Connection states a client reports in `state`. */
+export const STATES = Object.freeze([
+  "starting", // not started, or opening its database
+  "connecting", // opening the WebSocket and authenticating
+  "syncing", // connected; catching up (pull) and sending the outbox
+  "online", // connected and caught up
+  "offline", // not connected; a reconnect is scheduled (or the browser is offline)
+  "unauthorized", // the token was refused (4001); retrying with a fresh token
+  "forbidden", // the device was revoked (4003): no more reconnects
+  "closed", // close() was called
+]);
+
+function fullJitter(attempt) {
+  return Math.random() * Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt);
+}
+
+function randomId(prefix) {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function jsonBytes(value) {
+  return new TextEncoder().encode(JSON.stringify(value)).length;
+}
+
+/** The delay a 1012 close asks for ("... reconnect in 2.3s"), in ms; random 0.5-5 s otherwise. */
+export function restartDelayMs(reason) {
+  const m = /reconnect in ([0-9]+(?:\.[0-9]+)?)\s*s/.exec(reason || "");
+  if (m) return Math.min(60_000, Number(m[1]) * 1000);
+  return 500 + Math.random() * 4500;
+}
+
+export class HubClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.device        this install's device id, stable across restarts
+   * @param {string|function} options.token a JWT, or a function (sync or async) that returns a fresh one
+   * @param {string} [options.url]          the hub's base URL (default: this page's origin)
+   * @param {string} [options.deviceName]   shown in GET /v1/devices
+   * @param {string} [options.platform]     shown in GET /v1/devices
+   * @param {string} [options.dbName]       IndexedDB database (default "hub:" + device)
+   * @param {boolean} [options.tabs]        share one connection among tabs (default true)
+   */
+  constructor(options) {
+    super();
+    if (!options || !NODE_RE.test(options.device || "")) {
+      throw new TypeError("device must be 1..64 characters of [A-Za-z0-9_.:-]");
+    }
+    if (!options.token) throw new TypeError("token (a string or a function) is required");
+    this.device = options.device;
+    this.url = (options.url || globalThis.location.origin).replace(/\/+$/, "");
+    this.dbName = options.dbName || `hub:${this.device}`;
+    this._tokenSource = options.token;
+    this._deviceName = options.deviceName;
+    this._platform = options.platform;
+    this._shareTabs = options.tabs !== false;
+
+    this.db = null;
+    this.state = "starting";
+    this.pending = 0;
+    this.leader = false;
+    this.version = null; // the last version known complete here (leader only)
+    this.user = null;
+    this.lastError = null;
+
+    this._closed = false;
+    this._channel = null;
+    this._releaseLock = null;
+    this._lockAbort = null;
+    this._ws = null;
+    this._ready = false; // welcome received on this._ws
+    this._token = null;
+    this._attempt = 0;
+    this._reconnectTimer = null;
+    this._heartbeatTimer = null;
+    this._lastHeard = 0;
+    this._heartbeatMs = 30_000;
+    this._requests = new Map(); // message id -> {resolve, reject}
+    this._inFlight = new Map(); // push id -> retry timer or null
+    this._flushing = null;
+    this._flushAgain = false;
+    this._pulling = null;
+    this._pullAgain = false;
+    this._ahead = new Set(); // versions seen above this.version
+    this._gapTimer = null;
+    this._seq = 0;
+    this._leaderState = null;
+    this._onOnline = () => this._browserOnline();
+    this._onOffline = () => this._browserOffline();
+  }
+
+  // -- public API ---------------------------------------------------------------------
+
+  /** Open the replica, join the device's tabs, and connect (or follow the tab that does). */
+  async start() {
+    this.db = await openDatabase(this.dbName);
+    this.db.onversionchange = () => this.db.close();
+    await this._refreshPending();
+    if (this._shareTabs && typeof BroadcastChannel !== "undefined") {
+      this._channel = new BroadcastChannel(`hub:${this.dbName}`);
+      this._channel.onmessage = (ev) => this._onTabMessage(ev.data);
+    }
+    globalThis.addEventListener?.("online", this._onOnline);
+    globalThis.addEventListener?.("offline", this._onOffline);
+    if (this._shareTabs && globalThis.navigator?.locks) {
+      this._setState("connecting");
+      this._broadcast({ type: "hello" }); // the leader answers with its state
+      this._lockAbort = new AbortController();
+      navigator.locks
+        .request(`hub-leader:${this.dbName}`, { signal: this._lockAbort.signal }, () => {
+          if (this._closed) return undefined;
+          return new Promise((release) => {
+            this._releaseLock = release;
+            this._becomeLeader();
+          });
+        })
+        .catch(() => {}); // aborted by close()
+    } else {
+      this._becomeLeader();
+    }
+    return this;
+  }
+
+  /** Write fields of a record (a map of name to any JSON value); applied here at once, pushed soon. */
+  async upsert(collection, id, fields, options = {}) {
+    checkKey(collection, id);
+    const names = Object.keys(fields || {});
+    if (names.length === 0) throw new TypeError("an upsert needs at least one field");
+    for (const name of names) {
+      if (!FIELD_RE.test(name)) {
+        throw new TypeError(`bad field name ${JSON.stringify(name)}: [A-Za-z0-9_.-]{1,64}, not starting with _`);
+      }
+      if (fields[name] === undefined) throw new TypeError(`field ${name} is undefined`);
+      if (jsonBytes(fields[name]) > MAX_VALUE_BYTES) throw new RangeError(`field ${name} is over 64 KiB`);
+    }
+    return this._writeLocal(collection, id, options, (stamp, record) => {
+      const writes = names.map((n) => [n, fields[n], stamp]);
+      applyUpsert(record, writes);
+      const out = {};
+      for (const n of names) out[n] = { value: fields[n], hlc: stamp };
+      return { collection, id, op: "upsert", fields: out };
+    });
+  }
+
+  /** Delete a record (a tombstone; a later upsert revives it with only the newer fields). */
+  async delete(collection, id, options = {}) {
+    checkKey(collection, id);
+    return this._writeLocal(collection, id, options, (stamp, record) => {
+      applyDelete(record, stamp);
+      return { collection, id, op: "delete", hlc: stamp };
+    });
+  }
+
+  /** A live record's field values, or null when it is deleted or unknown. */
+  async get(collection, id) {
+    const record = await transact(this.db, [RECORDS], "readonly", (tx) =>
+      req(tx.objectStore(RECORDS).get(recordKey(collection, id))),
+    );
+    if (!record || isDeleted(record)) return null;
+    return valuesOf(record);
+  }
+
+  /** The live records of a collection, by id: `[{id, fields: {name: value}}]`. */
+  async list(collection) {
+    const rows = await transact(this.db, [RECORDS], "readonly", (tx) =>
+      req(tx.objectStore(RECORDS).getAll(IDBKeyRange.bound([collection], [collection, []]))),
+    );
+    return rows.filter((r) => !isDeleted(r)).map((r) => ({ id: r.id, fields: valuesOf(r) }));
+  }
+
+  /** Every record of the replica with its full merge state (fields with stamps, delete stamp). */
+  async records() {
+    return transact(this.db, [RECORDS], "readonly", (tx) => req(tx.objectStore(RECORDS).getAll()));
+  }
+
+  /** Catch up now: the leader pulls and sends its outbox; another tab asks the leader to. */
+  async sync() {
+    if (!this.leader) {
+      this._broadcast({ type: "sync" });
+      return;
+    }
+    this._flush();
+    if (this._ready) await this._pull();
+  }
+
+  /** `hub.on("status" | "change" | "error", fn)`: fn gets the event's detail; returns an unsubscribe. */
+  on(type, fn) {
+    const listener = (ev) => fn(ev.detail);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  /** The state, the pending count and the tab's role, as the "status" event carries them. */
+  get status() {
+    return {
+      state: this.state,
+      pending: this.pending,
+      leader: this.leader,
+      version: this.version,
+      error: this.lastError,
+    };
+  }
+
+  /** Stop: close the connection, hand the leadership to another tab, close the database. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    clearTimeout(this._reconnectTimer);
+    clearTimeout(this._gapTimer);
+    this._stopHeartbeat();
+    for (const timer of this._inFlight.values()) clearTimeout(timer);
+    this._inFlight.clear();
+    if (this._ws) {
+      try {
+        this._ws.close(1000, "client closed");
+      } catch {
+        // closing anyway
+      }
+      this._ws = null;
+    }
+    globalThis.removeEventListener?.("online", this._onOnline);
+    globalThis.removeEventListener?.("offline", this._onOffline);
+    this._lockAbort?.abort();
+    this._releaseLock?.();
+    this._channel?.close();
+    this._setState("closed");
+    this.db?.close();
+  }
+
+  // -- local writes ---------------------------------------------------------------------
+
+  async _writeLocal(collection, id, options, make) {
+    if (this._closed) throw new Error("the client is closed");
+    const stamp = await transact(this.db, [RECORDS, OUTBOX, META], "readwrite", async (tx) => {
+      const meta = tx.objectStore(META);
+      const clock = tickClock(await req(meta.get("clock")), Date.now());
+      meta.put(clock, "clock");
+      const stamp = formatStamp(clock.wallMs, clock.counter, this.device);
+      const records = tx.objectStore(RECORDS);
+      const key = recordKey(collection, id);
+      const record = (await req(records.get(key))) || { collection, id, ...newRecord() };
+      const change = make(stamp, record);
+      if (options.origin !== undefined) change.origin = options.origin;
+      if (options.actor !== undefined) change.actor = options.actor;
+      records.put(record, key);
+      tx.objectStore(OUTBOX).add({ change, batch: "" });
+      return stamp;
+    });
+    await this._refreshPending();
+    const keys = [{ collection, id }];
+    this._emit("change", { source: "local", changes: keys });
+    this._broadcast({ type: "changed", source: "local", changes: keys });
+    if (this.leader) this._flush();
+    return stamp;
+  }
+
+  // -- tabs -----------------------------------------------------------------------------
+
+  _broadcast(message) {
+    try {
+      this._channel?.postMessage(message);
+    } catch {
+      // the channel is closed
+    }
+  }
+
+  async _onTabMessage(message) {
+    if (this._closed) return;
+    switch (message.type) {
+      case "hello":
+        if (this.leader) this._broadcastStatus();
+        break;
+      case "status":
+        if (!this.leader) {
+          this._leaderState = message;
+          this.version = message.version;
+          this._setState(message.state);
+        }
+        break;
+      case "changed":
+        await this._refreshPending();
+        this._emit("change", { source: message.source, changes: message.changes });
+        if (this.leader && message.source === "local") this._flush();
+        break;
+      case "sync":
+        if (this.leader) this.sync();
+        break;
+      case "error":
+        if (!this.leader) this._emit("error", message.error);
+        break;
+    }
+  }
+
+  _broadcastStatus() {
+    this._broadcast({ type: "status", state: this.state, version: this.version });
+  }
+
+  _becomeLeader() {
+    if (this._closed) return;
+    this.leader = true;
+    this._setState("connecting");
+    this._connect();
+  }
+
+  // -- the connection (leader only) -----------------------------------------------------
+
+  async _getToken() {
+    if (this._token) return this._token;
+    const source = this._tokenSource;
+    this._token = typeof source === "function" ? await source() : source;
+    return this._token;
+  }
+
+  async _connect() {
+    if (this._closed || this._ws) return;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    if (globalThis.navigator && navigator.onLine === false) {
+      this._setState("offline");
+      return; // the "online" event reconnects
+    }
+    if (this.state !== "unauthorized") this._setState("connecting");
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (err) {
+      this._fail("token", `could not get a token: ${err.message || err}`);
+      this._scheduleReconnect(fullJitter(this._attempt++));
+      return;
+    }
+    if (this._closed || this._ws) return;
+    const ws = new WebSocket(this.url.replace(/^http/, "ws") + "/v1/ws");
+    this._ws = ws;
+    this._ready = false;
+    ws.onopen = () => {
+      const auth = { type: "auth", token, device: this.device };
+      if (this._deviceName) auth.device_name = this._deviceName;
+      if (this._platform) auth.platform = this._platform;
+      ws.send(JSON.stringify(auth));
+    };
+    ws.onmessage = (ev) => {
+      if (ws !== this._ws) return;
+      this._lastHeard = Date.now();
+      let message;
+      try {
+        message = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      this._onMessage(message).catch((err) => this._fail("client", String(err.message || err)));
+    };
+    ws.onclose = (ev) => {
+      if (ws !== this._ws) return;
+      this._onClose(ev.code, ev.reason);
+    };
+  }
+
+  _send(message) {
+    if (!this._ws || this._ws.readyState !== WebSocket.OPEN) return false;
+    this._ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  _request(message) {
+    const id = `${message.type[0]}-${++this._seq}`;
+    return new Promise((resolve, reject) => {
+      this._requests.set(id, { resolve, reject });
+      if (!this._send({ ...message, id })) {
+        this._requests.delete(id);
+        reject(Object.assign(new Error("not connected"), { code: "disconnected" }));
+      }
+    });
+  }
+
+  async _onMessage(message) {
+    switch (message.type) {
+      case "welcome":
+        return this._welcome(message);
+      case "ack":
+        return this._acked(message);
+      case "changes": {
+        const waiting = this._requests.get(message.id);
+        if (waiting) {
+          this._requests.delete(message.id);
+          waiting.resolve(message);
+        }
+        return undefined;
+      }
+      case "error":
+        return this._onError(message);
+      case "change":
+        return this._onChange(message);
+      case "sync_available":
+        if (this.version === null || message.version > this.version) this._pull();
+        return undefined;
+      case "auth_expiring":
+        return this._refreshToken();
+      default:
+        return undefined; // pong, auth_ok, and anything newer
+    }
+  }
+
+  async _welcome(message) {
+    const stored = await transact(this.db, [META], "readonly", (tx) =>
+      req(tx.objectStore(META).get("user")),
+    );
+    if (stored && stored !== message.user) {
+      this._fail("wrong_user", `this replica belongs to ${stored}, the token to ${message.user}`);
+      this._setState("forbidden");
+      this._closeSocket(1000, "wrong user");
+      return;
+    }
+    if (!stored) {
+      await transact(this.db, [META], "readwrite", async (tx) => {
+        tx.objectStore(META).put(message.user, "user");
+      });
+    }
+    this.user = message.user;
+    this._ready = true;
+    this._heartbeatMs = (message.heartbeat_s || 30) * 1000;
+    this._startHeartbeat();
+    this.lastError = null;
+    this._setState("syncing");
+    this._flush();
+    await this._pull();
+  }
+
+  _onClose(code, reason) {
+    this._ws = null;
+    this._ready = false;
+    this._stopHeartbeat();
+    for (const { reject } of this._requests.values()) {
+      reject(Object.assign(new Error("connection closed"), { code: "disconnected" }));
+    }
+    this._requests.clear();
+    for (const timer of this._inFlight.values()) clearTimeout(timer);
+    this._inFlight.clear();
+    if (this._closed || this.state === "forbidden") return;
+    let delay;
+    switch (code) {
+      case 1012: // the hub restarts: come back when its hint says
+        delay = restartDelayMs(reason);
+        break;
+      case 1013: // too slow: reconnect soon; the pull on connect catches up
+        delay = Math.random() * 1000;
+        break;
+      case 4001: // unauthenticated: a fresh token, then back off
+        this._token = null;
+        this._fail("unauthorized", reason || "unauthenticated");
+        this._setState("unauthorized");
+        this._scheduleReconnect(Math.max(1000, fullJitter(this._attempt++)));
+        return;
+      case 4003: // forbidden or revoked: stay away
+        this._fail("forbidden", reason || "forbidden");
+        this._setState("forbidden");
+        return;
+      case 4010: // the token expired: a fresh one, at once
+        this._token = null;
+        delay = Math.random() * 500;
+        break;
+      default: // network loss, heartbeat, rate or connection limits: back off
+        delay = fullJitter(this._attempt++);
+    }
+    this._setState("offline");
+    this._scheduleReconnect(delay);
+  }
+
+  _scheduleReconnect(delay) {
+    if (this._closed) return;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => this._connect(), delay);
+  }
+
+  _closeSocket(code, reason) {
+    const ws = this._ws;
+    if (!ws) return;
+    try {
+      ws.close(code, reason);
+    } catch {
+      // closing anyway
+    }
+    // The close event of a socket closed from here may be slow (or never come offline).
+    this._onClose(code === 1000 ? 4999 : code, reason);
+  }
+
+  _browserOffline() {
+    if (!this.leader) return;
+    clearTimeout(this._reconnectTimer);
+    if (this._ws) {
+      const ws = this._ws;
+      this._ws = null;
+      this._onClose(1006, "offline");
+      try {
+        ws.close(1000, "offline");
+      } catch {
+        // closing anyway
+      }
+    }
+    clearTimeout(this._reconnectTimer);
+    this._setState("offline");
+  }
+
+  _browserOnline() {
+    if (!this.leader || this._closed || this.state === "forbidden") return;
+    this._attempt = 0;
+    if (!this._ws) this._connect();
+  }
+
+  _startHeartbeat() {
+    this._stopHeartbeat();
+    this._lastHeard = Date.now();
+    const every = Math.max(1000, this._heartbeatMs / 2);
+    this._heartbeatTimer = setInterval(() => {
+      const silent = Date.now() - this._lastHeard;
+      if (silent > 2 * this._heartbeatMs + 5000) {
+        this._closeSocket(4000, "no answer from the hub"); // a half-open connection
+      } else if (silent >= every) {
+        this._send({ type: "ping" });
+      }
+    }, every);
+  }
+
+  _stopHeartbeat() {
+    clearInterval(this._heartbeatTimer);
+    this._heartbeatTimer = null;
+  }
+
+  async _refreshToken() {
+    this._token = null;
+    try {
+      const token = await this._getToken();
+      this._send({ type: "auth", token, id: `a-${++this._seq}` });
+    } catch (err) {
+      this._fail("token", `could not refresh the token: ${err.message || err}`);
+    }
+  }
+
+  _onError(message) {
+    const waiting = message.id && this._requests.get(message.id);
+    if (waiting) {
+      this._requests.delete(message.id);
+      waiting.reject(Object.assign(new Error(message.message), { code: message.code }));
+      return;
+    }
+    if (message.id && this._inFlight.has(message.id)) {
+      this._pushFailed(message.id, message.code, message.message);
+      return;
+    }
+    this._fail(message.code, message.message);
+  }
+
+  // -- versions and pulls ---------------------------------------------------------------
+
+  async _onChange(message) {
+    await this._applyRemote(message.changes || []);
+    this._sawVersion(message.version, message.prev);
+  }
+
+  /** Version bookkeeping: `version` is complete here; `_ahead` holds versions seen above it. */
+  _sawVersion(version, prev) {
+    if (this.version === null) {
+      this._ahead.add(version); // the first pull decides
+      return;
+    }
+    if (version <= this.version) return;
+    if (prev === this.version) this.version = version;
+    else this._ahead.add(version);
+    this._drain();
+  }
+
+  _drain() {
+    while (this._ahead.has(this.version + 1)) {
+      this._ahead.delete(this.version + 1);
+      this.version += 1;
+    }
+    for (const v of this._ahead) if (v <= this.version) this._ahead.delete(v);
+    this._broadcastStatus();
+    if (this._ahead.size > 0 && !this._gapTimer) {
+      // A gap; an ack in flight may still fill it. Check again shortly, then pull.
+      this._gapTimer = setTimeout(() => {
+        this._gapTimer = null;
+        for (const v of this._ahead) if (v <= this.version) this._ahead.delete(v);
+        if (this._ahead.size > 0) this._pull();
+      }, GAP_WAIT_MS);
+    }
+  }
+
+  _pull() {
+    if (this._pulling) {
+      this._pullAgain = true;
+      return this._pulling;
+    }
+    this._pulling = (async () => {
+      try {
+        do {
+          this._pullAgain = false;
+          await this._pullToEnd();
+        } while (this._pullAgain && this._ready);
+        this._attempt = 0; // connected and caught up: the next loss starts backing off afresh
+        if (this._ready && this.state === "syncing") this._setState("online");
+      } catch (err) {
+        if (err.code !== "disconnected") this._fail(err.code || "client", err.message);
+      } finally {
+        this._pulling = null;
+      }
+    })();
+    return this._pulling;
+  }
+
+  async _pullToEnd() {
+    for (;;) {
+      const since = await transact(this.db, [META], "readonly", (tx) =>
+        req(tx.objectStore(META).get("cursor")),
+      );
+      let page;
+      try {
+        page = await this._request({ type: "pull", since: since || 0, limit: PULL_LIMIT });
+      } catch (err) {
+        if (err.code === "reset_required") {
+          await this._startReset();
+          continue;
+        }
+        throw err;
+      }
+      await this._applyRemote(page.changes, page.cursor);
+      if (!page.has_more) {
+        this.version = Math.max(this.version ?? 0, page.version);
+        this._drain();
+        return;
+      }
+    }
+  }
+
+  /** 410 reset_required: start again from 0; the first page from 0 replaces the replica. */
+  async _startReset() {
+    await transact(this.db, [META], "readwrite", async (tx) => {
+      const meta = tx.objectStore(META);
+      meta.put(0, "cursor");
+      meta.put(true, "resetting");
+    });
+    this.version = null;
+    this._ahead.clear();
+  }
+
+  /** Merge deltas into the replica (and move the cursor) in one transaction. */
+  async _applyRemote(deltas, cursor) {
+    let reset = false;
+    const touched = await transact(this.db, [RECORDS, OUTBOX, META], "readwrite", async (tx) => {
+      const meta = tx.objectStore(META);
+      const records = tx.objectStore(RECORDS);
+      if (cursor !== undefined && (await req(meta.get("resetting")))) {
+        // Rebuild from the hub's state: drop the replica, keep what is not pushed yet.
+        reset = true;
+        records.clear();
+        const local = await req(tx.objectStore(OUTBOX).getAll());
+        for (const { change } of local) {
+          const key = recordKey(change.collection, change.id);
+          const record = (await req(records.get(key))) || {
+            collection: change.collection,
+            id: change.id,
+            ...newRecord(),
+          };
+          applyChange(record, change);
+          records.put(record, key);
+        }
+        meta.delete("resetting");
+      }
+      let clock = await req(meta.get("clock"));
+      const out = [];
+      for (const delta of deltas) {
+        const key = recordKey(delta.collection, delta.id);
+        const record = (await req(records.get(key))) || {
+          collection: delta.collection,
+          id: delta.id,
+          ...newRecord(),
+        };
+        if (applyDelta(record, delta)) {
+          records.put(record, key);
+          out.push({ collection: delta.collection, id: delta.id });
+        }
+        for (const f of Object.values(delta.fields || {})) clock = observeClock(clock, f.hlc);
+        if (delta.deleted_hlc) clock = observeClock(clock, delta.deleted_hlc);
+      }
+      if (clock) meta.put(clock, "clock");
+      if (cursor !== undefined) meta.put(cursor, "cursor");
+      return out;
+    });
+    if (reset) {
+      this._emit("change", { source: "reset", changes: null });
+      this._broadcast({ type: "changed", source: "reset", changes: null });
+    } else if (touched.length > 0) {
+      this._emit("change", { source: "remote", changes: touched });
+      this._broadcast({ type: "changed", source: "remote", changes: touched });
+    }
+  }
+
+  // -- the outbox -------------------------------------------------------------------------
+
+  _flush() {
+    if (this._flushing) {
+      this._flushAgain = true;
+      return;
+    }
+    this._flushing = (async () => {
+      try {
+        do {
+          this._flushAgain = false;
+          while (this._ready && this._inFlight.size < MAX_PUSHES_IN_FLIGHT) {
+            const batch = await this._claimBatch();
+            if (!batch || !this._ready) break;
+            this._inFlight.set(batch.id, null);
+            if (!this._send({ type: "push", id: batch.id, changes: batch.changes })) {
+              this._inFlight.delete(batch.id);
+              break;
+            }
+          }
+        } while (this._flushAgain && this._ready);
+      } catch (err) {
+        this._fail("client", String(err.message || err));
+      } finally {
+        this._flushing = null;
+      }
+    })();
+  }
+
+  /**
+   * The next push to send: a batch sent before but not acked (same id, same
+   * changes: the hub answers a replay with the same ack), or else a new batch
+   * of unsent changes, marked with its id in the outbox before it is sent.
+   */
+  async _claimBatch() {
+    return transact(this.db, [OUTBOX], "readwrite", async (tx) => {
+      const outbox = tx.objectStore(OUTBOX);
+      const all = await req(outbox.getAll());
+      const resend = all.find((e) => e.batch && !this._inFlight.has(e.batch));
+      if (resend) {
+        const entries = all.filter((e) => e.batch === resend.batch);
+        return { id: resend.batch, changes: entries.map((e) => e.change) };
+      }
+      const fresh = [];
+      let bytes = 0;
+      for (const entry of all) {
+        if (entry.batch) continue;
+        const size = jsonBytes(entry.change);
+        if (fresh.length >= MAX_BATCH_CHANGES || (fresh.length > 0 && bytes + size > MAX_BATCH_BYTES)) {
+          break;
+        }
+        fresh.push(entry);
+        bytes += size;
+      }
+      if (fresh.length === 0) return null;
+      const id = randomId("p-");
+      for (const entry of fresh) {
+        entry.batch = id;
+        outbox.put(entry);
+      }
+      return { id, changes: fresh.map((e) => e.change) };
+    });
+  }
+
+  async _acked(message) {
+    if (!this._inFlight.has(message.id)) return;
+    await this._dropBatch(message.id);
+    this._inFlight.delete(message.id);
+    if (message.applied > 0) this._sawVersion(message.version, null);
+    this._flush();
+  }
+
+  async _dropBatch(id) {
+    const dropped = await transact(this.db, [OUTBOX], "readwrite", async (tx) => {
+      const outbox = tx.objectStore(OUTBOX);
+      const keys = await req(outbox.index("batch").getAllKeys(id));
+      const entries = [];
+      for (const key of keys) {
+        entries.push(await req(outbox.get(key)));
+        outbox.delete(key);
+      }
+      return entries;
+    });
+    await this._refreshPending();
+    this._broadcast({ type: "changed", source: "ack", changes: [] });
+    return dropped;
+  }
+
+  async _pushFailed(id, code, text) {
+    switch (code) {
+      case "rate_limited":
+      case "unavailable":
+      case "internal":
+      case "clock_skew": {
+        // Try the same push again later; the hub or its clock may be fine by then.
+        const wait = code === "rate_limited" ? 1000 : Math.max(2000, fullJitter(4));
+        if (code === "clock_skew") this._fail(code, text);
+        this._inFlight.set(
+          id,
+          setTimeout(() => {
+            this._inFlight.delete(id);
+            this._flush();
+          }, wait),
+        );
+        return;
+      }
+      case "idempotency_key_reused": {
+        // Another push holds this id: send the same changes under a new one.
+        const fresh = randomId("p-");
+        await transact(this.db, [OUTBOX], "readwrite", async (tx) => {
+          const outbox = tx.objectStore(OUTBOX);
+          for (const key of await req(outbox.index("batch").getAllKeys(id))) {
+            const entry = await req(outbox.get(key));
+            entry.batch = fresh;
+            outbox.put(entry);
+          }
+        });
+        this._inFlight.delete(id);
+        this._flush();
+        return;
+      }
+      default: {
+        // The hub refuses these changes for good (invalid_change, payload_too_large,
+        // forbidden): drop them, say so, and rebuild the replica from the hub's state.
+        const dropped = await this._dropBatch(id);
+        this._inFlight.delete(id);
+        this._fail(code, text, dropped.map((e) => e.change));
+        await this._startReset();
+        this._pull();
+        this._flush();
+      }
+    }
+  }
+
+  // -- state and events --------------------------------------------------------------------
+
+  async _refreshPending() {
+    if (!this.db) return;
+    let count;
+    try {
+      count = await transact(this.db, [OUTBOX], "readonly", (tx) => req(tx.objectStore(OUTBOX).count()));
+    } catch {
+      return; // closed
+    }
+    if (count !== this.pending) {
+      this.pending = count;
+      this._emit("status", this.status);
+    }
+  }
+
+  _setState(state) {
+    if (this._closed && state !== "closed") return;
+    if (state === this.state) return;
+    this.state = state;
+    this._emit("status", this.status);
+    if (this.leader) this._broadcastStatus();
+  }
+
+  _fail(code, message, changes) {
+    const error = { code, message };
+    if (changes) error.changes = changes;
+    this.lastError = error;
+    this._emit("error", error);
+    this._broadcast({ type: "error", error });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
+
+function checkKey(collection, id) {
+  if (!COLLECTION_RE.test(collection || "")) {
+    throw new TypeError("collection must be 1..64 characters of [A-Za-z0-9_.-]");
+  }
+  if (typeof id !== "string" || id.length < 1 || id.length > 128) {
+    throw new TypeError("id must be a string of 1..128 characters");
+  }
+}
+
+function valuesOf(record) {
+  const out = {};
+  for (const [name, f] of Object.entries(visibleFields(record))) out[name] = f.value;
+  return out;
+}
