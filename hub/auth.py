@@ -9,7 +9,8 @@ Two kinds of credential:
   ``none`` never passes. ``exp`` and ``sub`` are required, ``aud`` and ``iss``
   checked when configured, leeway 30 s. The key set is cached; a token with
   an unknown ``kid`` refreshes it at most once per ``HUB_JWKS_MIN_REFRESH_S``,
-  so keys rotate without a restart and a flood of bogus kids costs nothing.
+  so keys rotate without a restart and a flood of bogus kids costs nothing;
+  it is also fetched again every 5 minutes, so removed keys stop counting.
 - **API key**: ``hub_`` + 12-character id + 32-character secret + 6-character
   checksum (base62). The checksum rejects typos before any lookup and lets
   secret scanners recognise leaked keys. Only HMAC-SHA256(pepper, key) is
@@ -66,6 +67,7 @@ KEY_CHECK_CHARS = 6
 KEY_CHARS = len(KEY_PREFIX) + KEY_ID_CHARS + KEY_SECRET_CHARS + KEY_CHECK_CHARS
 KEY_CACHE_S = 10.0
 JWKS_TIMEOUT_S = 5.0
+JWKS_MAX_AGE_S = 300.0  # the key set is fetched again at least this often
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
@@ -129,6 +131,8 @@ class JwtVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise Unauthorized("the token has no key id ('kid')")
+        if time.monotonic() - self._fetched_at > JWKS_MAX_AGE_S:
+            await self._refresh()  # keys removed from the set stop being trusted
         key = self._keys.get(kid)
         if key is None:
             await self._refresh()

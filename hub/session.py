@@ -34,6 +34,7 @@ from .errors import (
     HubError,
     RateLimited,
     ResetRequired,
+    TokenExpired,
     Unauthorized,
 )
 from .protocol import (
@@ -182,7 +183,8 @@ class Session:
             auth = await self._authenticate()
         except HubError as exc:
             hub.count_auth_failure(exc.code)
-            await self._close_now(WS_4001_UNAUTHENTICATED, exc.message[:120])
+            code = WS_4003_FORBIDDEN if isinstance(exc, Forbidden) else WS_4001_UNAUTHENTICATED
+            await self._close_now(code, exc.message[:120])
             return
         except (TimeoutError, Disconnected):
             if not self._closing:
@@ -261,6 +263,9 @@ class Session:
         if not protocol.valid_device(device):
             raise Unauthorized("a device id is required: 1..64 characters of [A-Za-z0-9_.:-]")
         assert device is not None
+        if principal.expires_at is not None and principal.expires_at <= time.time():
+            # Within the validation leeway, but a connection needs a live token.
+            raise TokenExpired("the token has expired")
         if not principal.can("read"):
             raise Forbidden("this credential cannot receive events")
         return principal, device, mode, name, platform
