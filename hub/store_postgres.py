@@ -398,6 +398,7 @@ class PostgresStore:
             timeout=timeout,
             command_timeout=timeout,
             server_settings={"application_name": "hub", **PLANNER_SETTINGS},
+            reset=_keep_session,
         )
         try:
             async with pool.acquire() as con:
@@ -770,6 +771,13 @@ def _push_deltas(
             )
         )
     return tuple(deltas)
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """The pool's reset on release, doing nothing. asyncpg's default sends
+    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release, a round trip per batch and per pull; the hub leaves no session
+    state behind (the retention job unlocks its advisory lock itself)."""
 
 
 def _key_body(row: asyncpg.Record) -> dict[str, Any]:
