@@ -48,6 +48,7 @@ function showStatus(status) {
   $("role").textContent = status.leader ? "this tab syncs" : "another tab syncs";
   document.body.dataset.state = status.state;
   document.body.dataset.pending = String(status.pending);
+  if (status.state === "online") $("error").textContent = "";
 }
 
 let rendering = Promise.resolve();

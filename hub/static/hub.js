@@ -296,7 +296,6 @@ export class HubClient extends EventTarget {
     this._ahead = new Set(); // versions seen above this.version
     this._gapTimer = null;
     this._seq = 0;
-    this._leaderState = null;
     this._onOnline = () => this._browserOnline();
     this._onOffline = () => this._browserOffline();
   }
@@ -395,7 +394,7 @@ export class HubClient extends EventTarget {
     if (this._ready) await this._pull();
   }
 
-  /** `hub.on("status" | "change" | "error", fn)`: fn gets the event's detail; returns an unsubscribe. */
+  /** `hub.on("status" | "change" | "error" | "disconnect", fn)`: fn gets the event's detail; returns an unsubscribe. */
   on(type, fn) {
     const listener = (ev) => fn(ev.detail);
     this.addEventListener(type, listener);
@@ -484,7 +483,6 @@ export class HubClient extends EventTarget {
         break;
       case "status":
         if (!this.leader) {
-          this._leaderState = message;
           this.version = message.version;
           this._setState(message.state);
         }
@@ -537,6 +535,7 @@ export class HubClient extends EventTarget {
       token = await this._getToken();
     } catch (err) {
       this._fail("token", `could not get a token: ${err.message || err}`);
+      if (this.state !== "unauthorized") this._setState("offline");
       this._scheduleReconnect(fullJitter(this._attempt++));
       return;
     }
@@ -660,11 +659,14 @@ export class HubClient extends EventTarget {
         this._token = null;
         this._fail("unauthorized", reason || "unauthenticated");
         this._setState("unauthorized");
-        this._scheduleReconnect(Math.max(1000, fullJitter(this._attempt++)));
+        delay = Math.max(1000, fullJitter(this._attempt++));
+        this._emit("disconnect", { code, reason, reconnectInMs: Math.round(delay) });
+        this._scheduleReconnect(delay);
         return;
       case 4003: // forbidden or revoked: stay away
         this._fail("forbidden", reason || "forbidden");
         this._setState("forbidden");
+        this._emit("disconnect", { code, reason, reconnectInMs: null });
         return;
       case 4010: // the token expired: a fresh one, at once
         this._token = null;
@@ -674,6 +676,7 @@ export class HubClient extends EventTarget {
         delay = fullJitter(this._attempt++);
     }
     this._setState("offline");
+    this._emit("disconnect", { code, reason, reconnectInMs: Math.round(delay) });
     this._scheduleReconnect(delay);
   }
 
@@ -802,7 +805,8 @@ export class HubClient extends EventTarget {
       this._pullAgain = true;
       return this._pulling;
     }
-    this._pulling = (async () => {
+    const run = (async () => {
+      await null; // below, _pulling is set before this ends
       try {
         do {
           this._pullAgain = false;
@@ -812,11 +816,15 @@ export class HubClient extends EventTarget {
         if (this._ready && this.state === "syncing") this._setState("online");
       } catch (err) {
         if (err.code !== "disconnected") this._fail(err.code || "client", err.message);
-      } finally {
-        this._pulling = null;
       }
     })();
-    return this._pulling;
+    this._pulling = run;
+    run.finally(() => {
+      if (this._pulling !== run) return;
+      this._pulling = null;
+      if (this._pullAgain && this._ready) this._pull(); // asked for while this one was failing
+    });
+    return run;
   }
 
   async _pullToEnd() {
@@ -913,26 +921,29 @@ export class HubClient extends EventTarget {
       this._flushAgain = true;
       return;
     }
-    this._flushing = (async () => {
-      try {
-        do {
-          this._flushAgain = false;
-          while (this._ready && this._inFlight.size < MAX_PUSHES_IN_FLIGHT) {
-            const batch = await this._claimBatch();
-            if (!batch || !this._ready) break;
-            this._inFlight.set(batch.id, null);
-            if (!this._send({ type: "push", id: batch.id, changes: batch.changes })) {
-              this._inFlight.delete(batch.id);
-              break;
-            }
+    const run = (async () => {
+      await null; // below, _flushing is set before this ends
+      do {
+        this._flushAgain = false;
+        while (this._ready && this._inFlight.size < MAX_PUSHES_IN_FLIGHT) {
+          const batch = await this._claimBatch();
+          if (!batch || !this._ready) break;
+          this._inFlight.set(batch.id, null);
+          if (!this._send({ type: "push", id: batch.id, changes: batch.changes })) {
+            this._inFlight.delete(batch.id);
+            break;
           }
-        } while (this._flushAgain && this._ready);
-      } catch (err) {
-        this._fail("client", String(err.message || err));
-      } finally {
-        this._flushing = null;
-      }
+        }
+      } while (this._flushAgain && this._ready);
     })();
+    this._flushing = run;
+    run
+      .catch((err) => this._fail("client", String(err.message || err)))
+      .finally(() => {
+        if (this._flushing !== run) return;
+        this._flushing = null;
+        if (this._flushAgain && this._ready) this._flush();
+      });
   }
 
   /**
