@@ -117,6 +117,9 @@ class HubServer(uvicorn.Server):
         # 4. uvicorn's own stages: close what is left, wait with a bound,
         # cancel the rest, then the app's lifespan shutdown.
         await super().shutdown(sockets)
+        # 5. Exit normally rather than re-raising the signal, so that exit
+        # handlers run (they stop an embedded PostgreSQL started for us).
+        self._captured_signals.clear()
 
 
 def retry_hint() -> str:
