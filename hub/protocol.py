@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from . import hlc
-from .errors import BadRequest, ClockSkew, InvalidChange, PayloadTooLarge
+from .errors import BadRequest, ClockSkew, HubError, InvalidChange, PayloadTooLarge
 from .types import Change, Cursor, Delta, FieldWrite, PullPage, Push
 
 __all__ = [
@@ -402,8 +402,19 @@ def push_digest(changes: Any) -> bytes:
     return hashlib.sha256(canonical).digest()
 
 
-def error_message(code: str, message: str, mid: str | None = None) -> str:
+def error_message(
+    code: str, message: str, mid: str | None = None, retry_after: float | None = None
+) -> str:
+    """An ``error`` message; ``retry_after`` (seconds) for rate_limited and unavailable."""
     body: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if mid is not None:
         body["id"] = mid
+    if retry_after is not None:
+        body["retry_after"] = round(retry_after, 3)
     return orjson.dumps(body).decode()
+
+
+def error_of(error: HubError, mid: str | None = None) -> str:
+    """The ``error`` message for a hub error."""
+    retry_after = getattr(error, "retry_after", None)
+    return error_message(error.code, error.message, mid, retry_after)

@@ -329,7 +329,7 @@ class Session:
             else:
                 raise BadRequest(f"unknown message type {str(kind)[:40]!r}")
         except HubError as exc:
-            self.deliver(protocol.error_message(exc.code, exc.message, mid))
+            self.deliver(protocol.error_of(exc, mid))
 
     def _push(self, message: dict[str, Any]) -> None:
         assert self.principal is not None
@@ -363,7 +363,7 @@ class Session:
             return
         error = future.exception()
         if isinstance(error, HubError):
-            self.deliver(protocol.error_message(error.code, error.message, mid))
+            self.deliver(protocol.error_of(error, mid))
             return
         if error is not None:
             self.deliver(protocol.error_message("internal", "internal error", mid))
@@ -394,7 +394,7 @@ class Session:
             self.hub.metrics.pulls.labels("ok").inc()
             self.deliver(text.decode())
         except HubError as exc:
-            self.deliver(protocol.error_message(exc.code, exc.message, mid))
+            self.deliver(protocol.error_of(exc, mid))
 
     async def _refresh(self, message: dict[str, Any], mid: str | None) -> None:
         """Swap in a fresh token of the same user before the old one expires."""
@@ -404,7 +404,7 @@ class Session:
             if principal.user != self.user:
                 raise Forbidden("a token of another user cannot be used on this connection")
         except HubError as exc:
-            self.deliver(protocol.error_message(exc.code, exc.message, mid))
+            self.deliver(protocol.error_of(exc, mid))
             return
         self.principal = principal
         self._schedule_expiry()

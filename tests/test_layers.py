@@ -14,6 +14,7 @@ CORE = {"errors", "hlc", "merge", "protocol", "config", "types", "ratelimit"}
 DRIVERS = {
     "asyncpg": {"store_postgres"},
     "redis": {"broker_redis", "presence_redis"},
+    "websockets": {"client", "server"},
 }
 NOT_IN_CORE = {"asyncio", "asyncpg", "redis", "starlette", "uvicorn", "jwt", "socket"}
 

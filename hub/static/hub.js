@@ -7,7 +7,7 @@
 //   await hub.upsert("todos", "t1", { title: "Buy milk", done: false });
 //   hub.on("change", () => render(hub.list("todos")));
 //
-// An ES module without dependencies and without a build step. docs/CLIENTS-browser.md
+// An ES module without dependencies and without a build step. docs/CLIENTS.md (Browser client)
 // describes the API, how tabs share one device, and what each close code does.
 
 // -- HLC stamps (hub/hlc.py) ---------------------------------------------------------
