@@ -402,3 +402,24 @@ class ThrowawayPostgres:
 
         self.server.cleanup()
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+async def pull_all_http(hub: HubProcess, user: str, limit: int = 100) -> list[dict[str, Any]]:
+    """Every delta of ``user``, following cursors from 0 over HTTP."""
+    import httpx
+
+    deltas: list[dict[str, Any]] = []
+    since = "0"
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            r = await http.get(
+                f"{hub.url}/v1/sync/pull",
+                params={"since": since, "limit": limit},
+                headers={"Authorization": f"Bearer {token_for(user)}"},
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            deltas.extend(body["changes"])
+            since = body["cursor"]
+            if not body["has_more"]:
+                return deltas

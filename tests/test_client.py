@@ -15,7 +15,16 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from support import JWT_SECRET, HubProcess, change, new_user, stamp, token_for, wait_for
+from support import (
+    JWT_SECRET,
+    HubProcess,
+    change,
+    new_user,
+    pull_all_http,
+    stamp,
+    token_for,
+    wait_for,
+)
 
 from hub.client import (
     DataFileError,
@@ -48,28 +57,10 @@ def client(url: Any, user: str, device: str, path: Path, **kwargs: Any) -> HubCl
     return HubClient(url, token_for(user), device, data_path=path / f"{device}.db", **kwargs)
 
 
-async def pull_all(hub: HubProcess, user: str) -> list[dict[str, Any]]:
-    deltas: list[dict[str, Any]] = []
-    since = "0"
-    async with httpx.AsyncClient(timeout=10) as http:
-        while True:
-            r = await http.get(
-                f"{hub.url}/v1/sync/pull",
-                params={"since": since, "limit": 100},
-                headers={"Authorization": f"Bearer {token_for(user)}"},
-            )
-            assert r.status_code == 200, r.text
-            body = r.json()
-            deltas.extend(body["changes"])
-            since = body["cursor"]
-            if not body["has_more"]:
-                return deltas
-
-
 async def server_state(hub: HubProcess, user: str) -> dict[Any, Any]:
     """The hub's state of a user, as a replica built from a full pull over HTTP."""
     replica = Replica()
-    for d in await pull_all(hub, user):
+    for d in await pull_all_http(hub, user):
         fields = {name: (f["value"], f["hlc"]) for name, f in d["fields"].items()}
         replica.apply_delta(
             Delta(
@@ -380,7 +371,7 @@ async def test_a_killed_hub_loses_no_acked_push(
         assert {rid: f[0]["n"][0] for (_, rid), f in expected.items()} == written
         for key, (fields, _) in acked_before_kill.items():
             assert expected[key][0]["n"][1] >= fields["n"][1]  # nothing acked went back
-        versions = {d["version"] for d in await pull_all(hub_b, user)}
+        versions = {d["version"] for d in await pull_all_http(hub_b, user)}
         assert max(versions) == await server_version(hub_b, user)
 
 

@@ -17,6 +17,7 @@ from support import (
     change,
     connect,
     new_user,
+    pull_all_http,
     stamp,
     token_for,
     wait_for,
@@ -32,24 +33,6 @@ async def http_push(hub, user: str, changes: list, device: str = "http-dev") -> 
             json={"device": device, "changes": changes},
             headers={"Authorization": f"Bearer {token_for(user)}"},
         )
-
-
-async def pull_all(hub, user: str) -> list[dict]:
-    deltas: list[dict] = []
-    since = "0"
-    async with httpx.AsyncClient(timeout=10) as client:
-        while True:
-            r = await client.get(
-                f"{hub.url}/v1/sync/pull",
-                params={"since": since},
-                headers={"Authorization": f"Bearer {token_for(user)}"},
-            )
-            assert r.status_code == 200, r.text
-            body = r.json()
-            deltas.extend(body["changes"])
-            since = body["cursor"]
-            if not body["has_more"]:
-                return deltas
 
 
 async def closed_with(device: Device, timeout: float = 10.0) -> int:
@@ -325,7 +308,7 @@ async def test_fan_out_resumes_after_a_redis_restart(hub_factory):
 
         await wait_for(delivered, timeout=30, interval=0.2)
         # Every acked push is in pull (each wrote a record of its own).
-        versions = {d["version"] for d in await pull_all(hub1, user)}
+        versions = {d["version"] for d in await pull_all_http(hub1, user)}
         assert {1, *acked} == versions
         await sender.close()
         await receiver.close()
