@@ -36,6 +36,7 @@ from .errors import (
     ResetRequired,
     TokenExpired,
     Unauthorized,
+    Unavailable,
 )
 from .protocol import (
     WS_1011_INTERNAL_ERROR,
@@ -195,6 +196,9 @@ class Session:
         self.notify_only = mode == "notify"
         try:
             registered = await hub.store.register_device(self.user, device, name, platform)
+        except Unavailable:
+            await self._close_now(WS_1013_TOO_SLOW, "the database is unavailable; retry")
+            return
         except Exception:
             log.exception("could not register a device")
             await self._close_now(WS_1011_INTERNAL_ERROR, "internal error")
@@ -227,6 +231,8 @@ class Session:
             }
             self.deliver(orjson.dumps(welcome).decode())
             await self._read_loop()
+        except Unavailable:
+            self.close_soon(WS_1013_TOO_SLOW, "the database is unavailable; retry")
         except Exception:
             log.exception("connection failed", extra={"connection": self.id})
             self.close_soon(WS_1011_INTERNAL_ERROR, "internal error")

@@ -24,10 +24,11 @@ This module is the only one that speaks SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,16 @@ class PostgresStore:
     async def close(self) -> None:
         await self.pool.close()
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; losing the database is ``Unavailable`` (503), not a 500."""
+        try:
+            async with self.pool.acquire() as con:
+                yield con
+        except CONNECTION_ERRORS as exc:
+            log.warning("database unavailable: %s", type(exc).__name__)
+            raise Unavailable("the database is unavailable; retry") from None
+
     async def ping(self) -> None:
         async with self.pool.acquire() as con:
             await con.fetchval("SELECT 1")
@@ -492,7 +503,7 @@ class PostgresStore:
     # -- pull ------------------------------------------------------------
 
     async def version(self, user: str) -> int:
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             found = await con.fetchval("SELECT version FROM hub_users WHERE user_id = $1", user)
         return int(found or 0)
 
@@ -503,7 +514,7 @@ class PostgresStore:
             after = (cursor.version + 1, "", "")
         else:
             after = (cursor.version, cursor.collection, cursor.record_id or "")
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             rows = await con.fetch(PULL, user, *after, query.limit + 1, query.collection)
             if rows:
                 user_version, horizon = rows[0]["user_version"], rows[0]["horizon"]
@@ -527,7 +538,7 @@ class PostgresStore:
         """Purge tombstones older than ``retention_s`` and expired receipts, in
         bounded transactions; with ``dry_run``, only count them. Returns what
         went (or would go); ``{"skipped": True}`` when another process purges."""
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             if not await con.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
                 return {"skipped": True}
             try:
@@ -562,7 +573,7 @@ class PostgresStore:
     async def require_resync(self) -> int:
         """Make every cursor made until now get 410 (after restoring a backup):
         each user's horizon goes past its version. Returns the users touched."""
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             done = await con.execute("UPDATE hub_users SET horizon = version + 1")
         return int(done.split()[-1])
 
@@ -572,12 +583,12 @@ class PostgresStore:
         self, user: str, device: str, name: str | None, platform: str | None
     ) -> bool:
         """Record a connecting device (name and platform when given); False when revoked."""
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             revoked = await con.fetchval(REGISTER_DEVICE, user, device, name, platform)
         return revoked is None
 
     async def devices(self, user: str) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             rows = await con.fetch(LIST_DEVICES, user)
         return [
             {
@@ -593,8 +604,8 @@ class PostgresStore:
 
     async def revoke_device(self, user: str, device: str) -> bool:
         """Revoke; False when the user has no such device."""
-        async with self.pool.acquire() as con:
-            done = await con.execute(REVOKE_DEVICE, user, device)
+        async with self._connection() as con:
+            done: str = await con.execute(REVOKE_DEVICE, user, device)
         return done != "UPDATE 0"
 
     # -- API keys ----------------------------------------------------------------------
@@ -602,23 +613,23 @@ class PostgresStore:
     async def create_api_key(
         self, key_id: str, user: str, name: str, scopes: list[str], key_hash: bytes
     ) -> dict[str, Any]:
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             row = await con.fetchrow(CREATE_KEY, key_id, user, name, scopes, key_hash)
         assert row is not None
         return _key_body(row)
 
     async def api_keys(self, user: str) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             rows = await con.fetch(LIST_KEYS, user)
         return [_key_body(r) for r in rows]
 
     async def revoke_api_key(self, user: str, key_id: str) -> bool:
-        async with self.pool.acquire() as con:
-            done = await con.execute(REVOKE_KEY, user, key_id)
+        async with self._connection() as con:
+            done: str = await con.execute(REVOKE_KEY, user, key_id)
         return done != "UPDATE 0"
 
     async def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             row = await con.fetchrow(FIND_KEY, key_id)
         if row is None:
             return None
@@ -634,11 +645,11 @@ class PostgresStore:
         """Record when keys were last used, in one statement for many."""
         if not used:
             return
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             await con.execute(TOUCH_KEYS, list(used), list(used.values()))
 
     async def status(self, user: str) -> dict[str, Any]:
-        async with self.pool.acquire() as con:
+        async with self._connection() as con:
             version = await con.fetchval("SELECT version FROM hub_users WHERE user_id = $1", user)
             collections = await con.fetch(STATUS_COLLECTIONS, user)
             devices = await con.fetch(STATUS_DEVICES, user)
