@@ -234,6 +234,17 @@ def reconnect_plan(
     return Reconnect(backoff_s(attempt, uniform), next_url=True)
 
 
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait for them to end. On Python 3.11, ``wait_for`` can
+    swallow a cancellation that lands as its inner wait completes, so a task
+    still running shortly after is cancelled again."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+
+
 def ws_url(url: str) -> str:
     """The WebSocket endpoint of a hub given as ``http(s)://host`` or ``ws(s)://host[/v1/ws]``."""
     parts = urlsplit(url)
@@ -614,9 +625,7 @@ class HubClient:
         if not isinstance(self._stopped, ClientClosed):
             self._stopped = ClientClosed("the client was closed")
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await _cancel_all({self._task})
             self._task = None
         for subscription in self._subscriptions:
             subscription.put(None)
@@ -990,9 +999,7 @@ class HubClient:
             if self._fresh is not None:  # an unfinished resync starts again on the next connection
                 self._fresh = None
                 self._resync_wanted = True
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await _cancel_all(helpers)
             for request in self._requests.values():
                 request.cancel()
             self._requests.clear()

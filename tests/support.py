@@ -423,3 +423,27 @@ async def pull_all_http(hub: HubProcess, user: str, limit: int = 100) -> list[di
             since = body["cursor"]
             if not body["has_more"]:
                 return deltas
+
+
+async def server_state(hub: HubProcess, user: str) -> dict[Any, Any]:
+    """The hub's state of a user, as a replica built from a full pull over HTTP."""
+    from hub.merge import Replica
+    from hub.types import Delta
+
+    replica = Replica()
+    for d in await pull_all_http(hub, user):
+        fields = {name: (f["value"], f["hlc"]) for name, f in d["fields"].items()}
+        replica.apply_delta(
+            Delta(
+                d["collection"],
+                d["id"],
+                d["version"],
+                d["device"],
+                fields,
+                d["deleted"],
+                d["deleted_hlc"],
+                d["origin"],
+                d["actor"],
+            )
+        )
+    return replica.state()

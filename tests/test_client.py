@@ -21,6 +21,7 @@ from support import (
     change,
     new_user,
     pull_all_http,
+    server_state,
     stamp,
     token_for,
     wait_for,
@@ -35,9 +36,7 @@ from hub.client import (
     Stopped,
     reconnect_plan,
 )
-from hub.merge import Replica
 from hub.store_postgres import PostgresStore
-from hub.types import Delta
 
 WAIT_S = 15.0
 
@@ -55,27 +54,6 @@ def closed_port_url() -> str:
 
 def client(url: Any, user: str, device: str, path: Path, **kwargs: Any) -> HubClient:
     return HubClient(url, token_for(user), device, data_path=path / f"{device}.db", **kwargs)
-
-
-async def server_state(hub: HubProcess, user: str) -> dict[Any, Any]:
-    """The hub's state of a user, as a replica built from a full pull over HTTP."""
-    replica = Replica()
-    for d in await pull_all_http(hub, user):
-        fields = {name: (f["value"], f["hlc"]) for name, f in d["fields"].items()}
-        replica.apply_delta(
-            Delta(
-                d["collection"],
-                d["id"],
-                d["version"],
-                d["device"],
-                fields,
-                d["deleted"],
-                d["deleted_hlc"],
-                d["origin"],
-                d["actor"],
-            )
-        )
-    return replica.state()
 
 
 async def server_version(hub: HubProcess, user: str) -> int:
