@@ -664,6 +664,7 @@ async def test_idle_and_half_sent_sockets_do_not_slow_another_users_pushes(
     held: list[asyncio.StreamWriter] = []
     user = new_user()
     latencies: list[float] = []
+    rss_before = rss_mib(fuzz_hub)
     try:
         for data in idle_kinds.values():
             for _ in range(50):
@@ -688,17 +689,29 @@ async def test_idle_and_half_sent_sockets_do_not_slow_another_users_pushes(
                 assert r.status_code == 200, r.text
             deltas, version = await pull_all(http, user)
         assert len(deltas) == version == 30
+        rss_held = rss_mib(fuzz_hub)
     finally:
         for w in held:
             w.close()
     assert max(latencies) < 1.0, latencies
+    # 200 held sockets cost the hub little memory (bounded per connection).
+    assert rss_held - rss_before < 64, (rss_before, rss_held)
     report(
         "idle_sockets",
         held_sockets=len(held),
         control_pushes=len(latencies),
         acked=30,
         max_latency_ms=f"{max(latencies) * 1000:.0f}",
+        hub_rss_growth_mib=f"{rss_held - rss_before:.1f}",
     )
+
+
+def rss_mib(hub: HubProcess) -> float:
+    """The hub process's resident memory, in MiB (Linux)."""
+    for line in Path(f"/proc/{hub.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
 
 
 async def test_a_websocket_push_flood_is_refused_while_another_user_keeps_pushing(
