@@ -46,8 +46,6 @@ class Committer:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self.batches = 0
-        self.last_batch_size = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-committer")
@@ -65,14 +63,6 @@ class Committer:
         self._queue.append((push, future, time.perf_counter()))
         self._wakeup.set()
         return future
-
-    async def submit(self, push: Push) -> PushResult:
-        """Queue a push and wait for its result (raises the push's ``HubError``).
-
-        A caller that goes away (a client hung up) does not withdraw the push:
-        it is queued, it commits, and its result is simply not read.
-        """
-        return await asyncio.shield(self.enqueue(push))
 
     def pending(self) -> int:
         return len(self._queue)
@@ -109,8 +99,6 @@ class Committer:
             except Exception:  # the store answers per push; this is a bug, keep serving
                 log.exception("commit of a batch of %d pushes failed", len(batch))
                 results = [HubError("the push could not be stored") for _ in batch]
-            self.batches += 1
-            self.last_batch_size = len(batch)
             if self.metrics is not None:
                 self._observe(batch, results)
             for (_, future, _), result in zip(batch, results, strict=True):
