@@ -990,3 +990,34 @@ async def test_the_connection_limit_counts_every_process(hub_factory, redis_url)
         await still_open(d)
     for d in (a, c, again, other):
         await d.close()
+
+
+# -- CORS ---------------------------------------------------------------------------------
+
+
+async def test_cors_allows_exactly_the_allowed_origins(shared_hub, user):
+    allowed, foreign = "http://localhost:8080", "https://evil.example"
+    async with httpx.AsyncClient(base_url=shared_hub.url, timeout=10) as http:
+        preflight = await http.options(
+            "/v1/sync/push",
+            headers={
+                "Origin": allowed,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == allowed
+        assert "idempotency-key" in preflight.headers["access-control-allow-headers"].lower()
+        refused = await http.options(
+            "/v1/sync/push",
+            headers={"Origin": foreign, "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in refused.headers
+        auth = {"Authorization": f"Bearer {token_for(user)}"}
+        ok = await http.get("/v1/sync/status", headers={**auth, "Origin": allowed})
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == allowed
+        assert "idempotent-replay" in ok.headers["access-control-expose-headers"].lower()
+        other = await http.get("/v1/sync/status", headers={**auth, "Origin": foreign})
+        assert "access-control-allow-origin" not in other.headers
