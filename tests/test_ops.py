@@ -282,3 +282,31 @@ async def test_resync_all_after_a_restore_resets_every_older_cursor(shared_hub, 
         assert [c["id"] for c in fresh["changes"]] == ["a"]
         r = await http.get("/v1/sync/pull", params={"since": fresh["cursor"]}, headers=headers)
         assert r.status_code == 200 and r.json()["changes"] == []
+
+
+async def test_metrics_add_up_over_the_workers(hub_factory, user):
+    """With --workers 2, /metrics on either worker reports the whole hub."""
+    hub = hub_factory(args=["--workers", "2"])
+    headers = {"Authorization": f"Bearer {token_for(user)}"}
+
+    async def live() -> bool:
+        try:
+            return (await get(hub, "/health/live")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_for(live, timeout=20)
+    for i in range(20):
+        # A new connection each time, so that both workers take some.
+        async with httpx.AsyncClient(base_url=hub.url, timeout=10) as http:
+            r = await http.post(
+                "/v1/sync/push",
+                json={"device": "d", "changes": [change(f"t{i}", stamp(), n=i)]},
+                headers=headers,
+            )
+            assert r.status_code == 200
+    seen = set()
+    for _ in range(6):
+        text = (await get(hub, "/metrics")).text
+        seen.add(metric(text, "hub_pushes_total", result="applied"))
+    assert seen == {20.0}, seen
