@@ -227,9 +227,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            metavar=f.name.split("_")[-1].upper(),
+            metavar=_metavar(f),
             help=f"{f.metadata.get('help', '')} [{env_name(f.name)}]",
         )
+
+
+def _metavar(f: dataclasses.Field[Any]) -> str:
+    """What a flag's value looks like, from how it is read."""
+    cast = f.metadata.get("cast")
+    names = {
+        _positive_int: "N",
+        _port: "PORT",
+        _seconds: "DURATION",
+        _positive_float: "NUMBER",
+        _list: "LIST",
+        _log_format: "json|text",
+        _log_level: "LEVEL",
+    }
+    if cast in names:
+        return names[cast]
+    return "URL" if f.name.endswith("_url") else "TEXT"
 
 
 def load(
