@@ -110,6 +110,7 @@ class Coordinator:
         """Send an event to every local connection but its origin; how many got
         a ``change`` and how many a ``sync_available``."""
         notify: str | None = None
+        notify_frame: bytes | None = None
         frame: bytes | None = None  # the change message as a frame, built once
         sent = notified = 0
         for conn in list(self.connections.values()):
@@ -118,7 +119,8 @@ class Coordinator:
             if event.change is None or conn.notify_only:
                 if notify is None:
                     notify = event.sync_available()
-                conn.deliver(notify)
+                    notify_frame = text_frame(notify.encode())
+                conn.deliver(notify, notify_frame)
                 notified += 1
             else:
                 if frame is None:
