@@ -54,7 +54,6 @@ __all__ = [
 log = logging.getLogger("hub.auth")
 
 ALL_SCOPES = frozenset({"read", "write", "admin"})
-KEY_SCOPES = ALL_SCOPES
 LEEWAY_S = 30
 MAX_USER_CHARS = 128
 HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
@@ -301,7 +300,7 @@ def check_scopes(scopes: object) -> frozenset[str]:
     if (
         not isinstance(scopes, list)
         or not scopes
-        or not all(isinstance(s, str) and s in KEY_SCOPES for s in scopes)
+        or not all(isinstance(s, str) and s in ALL_SCOPES for s in scopes)
     ):
-        raise BadRequest(f"'scopes' must be a non-empty list of {sorted(KEY_SCOPES)}")
+        raise BadRequest(f"'scopes' must be a non-empty list of {sorted(ALL_SCOPES)}")
     return frozenset(scopes)
