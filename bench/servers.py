@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["READY_TIMEOUT_S", "ServerProcess", "start_hub", "start_relay"]
+__all__ = [
+    "READY_TIMEOUT_S",
+    "ServerProcess",
+    "start_hub",
+    "start_relay",
+    "start_websockets_relay",
+]
 
 READY_TIMEOUT_S = 30.0
 REPO = Path(__file__).resolve().parent.parent
 HUB_READY = re.compile(r"hub: listening on (http://\S+)")
 UVICORN_READY = re.compile(r"Uvicorn running on (http://\S+)")
+RELAY_READY = re.compile(r"relay: listening on (http://\S+)")
 
 
 @dataclass
@@ -199,4 +206,16 @@ def start_relay(log_dir: Path) -> ServerProcess:
         log_dir / "relay.log",
         UVICORN_READY,
         ready_on_stderr=True,
+    )
+
+
+def start_websockets_relay(log_dir: Path) -> ServerProcess:
+    """The bare relay on the ``websockets`` package's server, on a free port."""
+    return _spawn(
+        "websockets-relay",
+        [sys.executable, "-m", "bench.relay_websockets"],
+        _base_env(),
+        log_dir / "websockets-relay.log",
+        RELAY_READY,
+        ready_on_stderr=False,
     )
