@@ -13,7 +13,6 @@ Run it as ``python -m bench.relay_websockets [--port 0]``; it prints
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from urllib.parse import parse_qs, urlsplit
 

@@ -5,6 +5,9 @@
 - :func:`start_relay`: the bare relay (:mod:`bench.relay_starlette`) under the
   ``uvicorn`` command line with the same server stack as the hub (uvloop,
   httptools, websockets-sansio); ready when uvicorn logs ``Uvicorn running on``.
+- :func:`start_websockets_relay`: the bare relay on the ``websockets`` package's
+  own server (:mod:`bench.relay_websockets`); ready when it prints
+  ``relay: listening on http://HOST:PORT``.
 
 Their output goes to a log file; a server that does not become ready in time
 is killed and the error shows the end of its log.
