@@ -18,7 +18,7 @@ import orjson
 
 from .stats import median
 
-__all__ = ["RESULTS_DIR", "Metric", "Report"]
+__all__ = ["RESULTS_DIR", "Metric", "Report", "TargetCheck"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -46,6 +46,38 @@ class Metric:
         }
 
 
+@dataclass(frozen=True)
+class TargetCheck:
+    """A goal of the suite and whether this run met it: ``measured >= goal`` (or ``<=``)."""
+
+    name: str
+    measured: float
+    goal: float
+    at_least: bool = True  # False: the measured value must be at most the goal
+    meaning: str = ""
+
+    @property
+    def met(self) -> bool:
+        if math.isnan(self.measured):
+            return False
+        return self.measured >= self.goal if self.at_least else self.measured <= self.goal
+
+    def describe(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        verdict = "met" if self.met else "MISSED"
+        return f"{self.name}: {_fmt(self.measured)} (goal {sign} {_fmt(self.goal)}): {verdict}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "measured": _finite(self.measured),
+            "goal": self.goal,
+            "at_least": self.at_least,
+            "met": self.met,
+            "meaning": self.meaning,
+        }
+
+
 @dataclass
 class Report:
     """The outcome of one workload run."""
@@ -55,6 +87,7 @@ class Report:
     config: dict[str, Any]
     machine: dict[str, Any]
     metrics: list[Metric] = field(default_factory=list)
+    targets: list[TargetCheck] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     valid: bool = True
@@ -64,6 +97,14 @@ class Report:
         metric = Metric(name, unit, runs, meaning)
         self.metrics.append(metric)
         return metric
+
+    def target(
+        self, name: str, measured: float, goal: float, at_least: bool = True, meaning: str = ""
+    ) -> TargetCheck:
+        """Record a goal and the measured value it is judged on (a miss is not invalid)."""
+        check = TargetCheck(name, measured, goal, at_least, meaning)
+        self.targets.append(check)
+        return check
 
     def invalid(self, why: str) -> None:
         """Mark the result invalid, saying why (printed and stored)."""
@@ -81,6 +122,7 @@ class Report:
             "machine": self.machine,
             "config": self.config,
             "metrics": [m.as_json() for m in self.metrics],
+            "targets": [t.as_json() for t in self.targets],
             "details": self.details,
             "notes": self.notes,
         }
@@ -111,7 +153,8 @@ class Report:
         if self.machine.get("hub_code_modified"):
             code += " + uncommitted changes to hub/"
         head = f"== {self.workload} ({status}), code at {code} =="
-        tail = [f"  note: {n}" for n in self.notes]
+        tail = [f"  target {t.describe()}" for t in self.targets]
+        tail += [f"  note: {n}" for n in self.notes]
         return "\n".join([head, *lines, *tail])
 
 

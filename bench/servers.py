@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from typing import IO
 __all__ = [
     "READY_TIMEOUT_S",
     "ServerProcess",
+    "raise_open_files_limit",
     "start_hub",
     "start_relay",
     "start_websockets_relay",
@@ -93,6 +95,7 @@ def _spawn(
     log = open(log_path, "w")  # noqa: SIM115 - closed by the pump when the stream ends
     proc = subprocess.Popen(
         command,
+        preexec_fn=raise_open_files_limit,
         stdout=log if ready_on_stderr else subprocess.PIPE,
         stderr=subprocess.PIPE if ready_on_stderr else log,
         stdin=subprocess.DEVNULL,
@@ -128,6 +131,13 @@ def _spawn(
             + log_path.read_text(errors="replace")[-4000:]
         )
     return ServerProcess(name, proc, found[0], log_path, thread)
+
+
+def raise_open_files_limit() -> None:
+    """Let this process open as many files as the hard limit allows (one per connection)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _base_env() -> dict[str, str]:
