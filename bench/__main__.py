@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, push
+from . import fanout, idle, push
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -27,12 +27,14 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
     workloads: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Runner]] = [
         (
-            "push",
-            "HTTP push latency, bulk changes/s and concurrent pushes/s against a real hub, "
-            "next to the bare PostgreSQL unnest-upsert ceiling",
+            "w4",
+            "durable push over HTTP: changes/s and ack latency of 1-, 10- and 1000-change "
+            "pushes, 64 concurrent clients, next to the bare PostgreSQL unnest-upsert and "
+            "COPY ceilings; every acked change pulled back and checked",
             push.add_arguments,
             push.run,
         ),
+        ("push", "the w4 workload under its former name", push.add_arguments, push.run),
         (
             "relay",
             "WebSocket fan-out through the bare Starlette relay: saturation deliveries/s, "
@@ -46,6 +48,27 @@ def parser() -> argparse.ArgumentParser:
             "with correctness checks and the hub/relay ratio",
             fanout.add_fanout_arguments,
             fanout.run_fanout,
+        ),
+        (
+            "w2",
+            "same-user fan-out on one process (250 users x 4 devices): the hub beside the bare "
+            "starlette and websockets relays, python-socketio and Node socket.io with Redis",
+            fanout.add_w2_arguments,
+            fanout.run_w2,
+        ),
+        (
+            "w3",
+            "the w2 fan-out on two processes through Redis, each user's devices split "
+            "between them: the hub (and its ratio to one process) and both peers",
+            fanout.add_w3_arguments,
+            fanout.run_w3,
+        ),
+        (
+            "w1",
+            "idle capacity: RSS per authenticated idle connection, connect rate and p99, "
+            "up to 19,800 connections on one hub process, next to both bare relays",
+            idle.add_arguments,
+            idle.run,
         ),
     ]
     for name, help_text, add_arguments, runner in workloads:
