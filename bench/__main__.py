@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, idle, push
+from . import fanout, push
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -48,27 +48,6 @@ def parser() -> argparse.ArgumentParser:
             "with correctness checks and the hub/relay ratio",
             fanout.add_fanout_arguments,
             fanout.run_fanout,
-        ),
-        (
-            "w2",
-            "same-user fan-out on one process (250 users x 4 devices): the hub beside the bare "
-            "starlette and websockets relays, python-socketio and Node socket.io with Redis",
-            fanout.add_w2_arguments,
-            fanout.run_w2,
-        ),
-        (
-            "w3",
-            "the w2 fan-out on two processes through Redis, each user's devices split "
-            "between them: the hub (and its ratio to one process) and both peers",
-            fanout.add_w3_arguments,
-            fanout.run_w3,
-        ),
-        (
-            "w1",
-            "idle capacity: RSS per authenticated idle connection, connect rate and p99, "
-            "up to 19,800 connections on one hub process, next to both bare relays",
-            idle.add_arguments,
-            idle.run,
         ),
     ]
     for name, help_text, add_arguments, runner in workloads:
