@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, push
+from . import fanout, push, suite
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -35,6 +35,13 @@ def parser() -> argparse.ArgumentParser:
             push.run,
         ),
         ("push", "the w4 workload under its former name", push.add_arguments, push.run),
+        (
+            "suite",
+            "w1 to w6 one after another, each in its own process (at most 90 s each, "
+            "--only to pick), and one summary as JSON and Markdown",
+            suite.add_arguments,
+            suite.run,
+        ),
         (
             "relay",
             "WebSocket fan-out through the bare Starlette relay: saturation deliveries/s, "
