@@ -3,9 +3,10 @@
 Each workload runs as its own process (``python -m bench <name>``), so that
 one that crashes or hangs costs only its own result. Each gets at most
 ``--timeout`` seconds (default 90: six of them stay within the suite's ten
-minutes); one that takes longer is asked to stop (SIGINT to its process
-group, which holds the servers it started, so they shut down and its
-database is dropped), and killed ``STOP_GRACE_S`` later. A workload that is
+minutes), and never more than what is left of those ten minutes; one that
+takes longer is asked to stop (SIGINT to its process group, which holds the
+servers it started, so they shut down and its database is dropped), and
+killed ``STOP_GRACE_S`` later. A workload that is
 not registered (yet) is skipped with a note; one that fails or times out is
 recorded as such, and the suite goes on.
 
@@ -51,7 +52,8 @@ WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w6")
 TIMEOUT_S = 90.0
 SUITE_BUDGET_S = 600.0
 MIN_START_S = 20.0  # a workload is not started with less of the suite's budget left
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 15.0  # from SIGINT to SIGKILL
+STOP_KILL_S = 5.0  # from SIGKILL to giving up on the process
 OUTPUT_TAIL_LINES = 40
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +121,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     """Stop a workload and every process it started (its process group):
     SIGINT first, so that servers shut down and scratch databases are
     dropped; SIGKILL when that takes longer than ``STOP_GRACE_S``."""
-    for sig, wait_s in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+    for sig, wait_s in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGKILL, STOP_KILL_S)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -241,7 +243,8 @@ def run(args: argparse.Namespace) -> Report:
     deadline = time.monotonic() + SUITE_BUDGET_S
     outcomes = []
     for name in names:
-        left = deadline - time.monotonic()
+        # What is left of the budget once a workload that overruns has been stopped.
+        left = deadline - time.monotonic() - STOP_GRACE_S - STOP_KILL_S
         if left < MIN_START_S:
             outcome = WorkloadRun(name, "skipped", notes=["the suite's time budget was used up"])
         else:
