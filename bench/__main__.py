@@ -56,6 +56,20 @@ def parser() -> argparse.ArgumentParser:
             fanout.add_fanout_arguments,
             fanout.run_fanout,
         ),
+        (
+            "w2",
+            "same-user fan-out on one process (250 users x 4 devices): the hub beside the bare "
+            "starlette and websockets relays, python-socketio and Node socket.io with Redis",
+            fanout.add_w2_arguments,
+            fanout.run_w2,
+        ),
+        (
+            "w3",
+            "the w2 fan-out on two processes through Redis, each user's devices split "
+            "between them: the hub (and its ratio to one process) and both peers",
+            fanout.add_w3_arguments,
+            fanout.run_w3,
+        ),
     ]
     for name, help_text, add_arguments, runner in workloads:
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -26,7 +26,9 @@ the same invocation and reports hub/relay ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import math
 import os
 import queue
 import secrets
@@ -34,8 +36,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +50,40 @@ from .cpu import CpuMeter, CpuSample, Group, listener_pid, postgres_group
 from .database import Database, analyze, bench_database
 from .loadgen import LoadgenConfig
 from .report import Report
-from .servers import REPO, ServerProcess, start_hub, start_relay
+from .servers import (
+    REPO,
+    Redis,
+    ServerProcess,
+    bench_redis,
+    node_peer_missing,
+    start_hub,
+    start_node_socketio,
+    start_python_socketio,
+    start_relay,
+    start_websockets_relay,
+)
 from .stats import median
-from .targets import Target
+from .targets import Kind, Target
 
 __all__ = [
     "FanoutConfig",
     "add_fanout_arguments",
     "add_relay_arguments",
+    "add_w2_arguments",
+    "add_w3_arguments",
     "run_fanout",
     "run_relay",
+    "run_w2",
+    "run_w3",
 ]
 
 LOADGEN_MAX_CORES = 0.8
 WARMUP_S = 1.0  # a closed-loop phase before the measured ones, not counted
 OTHER_LOAD_WARN_CORES = 0.2
 JWT_SECRET = "bench-secret-" + "y" * 40
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# W2 and W3 load five targets each, three runs of two phases, in under a minute.
+W_SECONDS = 1.0
+W_WARMUP_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,7 @@ class FanoutConfig:
     seconds: float = 5.0
     client: str = "auto"
     broker: str = "memory"  # the hub's broker: "memory" (in-process) or "redis"
+    warmup_s: float = WARMUP_S
 
 
 def _add_common(parser: argparse.ArgumentParser, seconds: float) -> None:
@@ -100,7 +121,8 @@ def add_fanout_arguments(parser: argparse.ArgumentParser) -> None:
         "--broker",
         choices=["memory", "redis"],
         default="memory",
-        help="the hub's broker; redis uses HUB_BENCH_REDIS_URL or " + DEFAULT_REDIS_URL,
+        help="the hub's broker; redis uses HUB_BENCH_REDIS_URL, else the machine's Redis at "
+        "127.0.0.1:6379, else a throwaway one",
     )
 
 
@@ -236,6 +258,8 @@ class PhaseRun:
 class TargetOutcome:
     name: str
     ready: dict[str, Any]
+    cpu_of: str = ""  # which processes the server CPU counts, in words
+    wall_s: float = 0.0  # from connecting the load to closing it
     closed: list[PhaseRun] = field(default_factory=list)
     open: list[PhaseRun] = field(default_factory=list)
     check: dict[str, Any] = field(default_factory=dict)
@@ -248,6 +272,7 @@ class TargetOutcome:
     def as_json(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
+            "wall_s": round(self.wall_s, 2),
             "closed": [r.as_json() for r in self.closed],
             "open": [r.as_json() for r in self.open],
             "check": self.check,
@@ -258,13 +283,20 @@ class TargetOutcome:
 def _run_target(
     name: str,
     target: Target,
-    server: ServerProcess,
+    server: ServerProcess | Sequence[ServerProcess],
     groups: dict[str, Group],
     cfg: FanoutConfig,
     log_dir: Path,
     after_warmup: Callable[[], None] | None = None,
+    cpu_of: str = "",
 ) -> TargetOutcome:
-    """Connect the load, warm up, run the closed then the open phases, check the deliveries."""
+    """Connect the load, warm up, run the closed then the open phases, check the deliveries.
+
+    ``server``: the target's process, or all of them; ``cpu_of`` says in words
+    which processes ``groups`` counts (shown beside the per-CPU-second metrics).
+    """
+    servers = [server] if isinstance(server, ServerProcess) else list(server)
+    began = time.perf_counter()
     loadgen_config = LoadgenConfig(
         target,
         users=cfg.users,
@@ -272,16 +304,18 @@ def _run_target(
         tag=f"bench-{secrets.token_hex(3)}",
         client=cfg.client,
     )
-    loadgen = LoadgenProcess(loadgen_config, log_dir / f"loadgen-{name}.log")
+    loadgen = LoadgenProcess(loadgen_config, log_dir / f"loadgen-{_slug(name)}.log")
     try:
         try:
             ready = loadgen.expect("ready", loadgen_config.connect_timeout_s + 15)
         except LoadgenError as exc:
+            logs = "\n".join(
+                f"the end of {s.name}'s log ({s.log_path}):\n{s.log_tail(1500)}" for s in servers
+            )
             raise RuntimeError(
-                f"the load generator could not connect to the {name}: {exc}\n"
-                f"the end of the {name}'s log ({server.log_path}):\n{server.log_tail(1500)}"
+                f"the load generator could not connect to the {name}: {exc}\n{logs}"
             ) from None
-        outcome = TargetOutcome(name, ready)
+        outcome = TargetOutcome(name, ready, cpu_of=cpu_of)
         meter = CpuMeter(
             {**groups, "loadgen": Group.of([loadgen.pid]), "bench": Group.of([os.getpid()])}
         )
@@ -292,11 +326,12 @@ def _run_target(
             meter.start()
             result = loadgen.command(message, timeout)
             run = PhaseRun(result, meter.stop(), server_groups)
-            if not server.alive():
-                raise RuntimeError(f"the {name} died; its log:\n{server.log_tail()}")
+            for s in servers:
+                if not s.alive():
+                    raise RuntimeError(f"{s.name} died; its log:\n{s.log_tail()}")
             return run
 
-        phase({"cmd": "closed", "seconds": WARMUP_S})  # not counted
+        phase({"cmd": "closed", "seconds": cfg.warmup_s})  # not counted
         if after_warmup is not None:
             after_warmup()
         for _ in range(cfg.runs):
@@ -307,6 +342,7 @@ def _run_target(
         outcome.check = loadgen.command({"cmd": "check"}, 30)
     finally:
         loadgen.stop()
+    outcome.wall_s = time.perf_counter() - began
     _judge(outcome)
     return outcome
 
@@ -336,7 +372,14 @@ def _judge(outcome: TargetOutcome) -> None:
                     f"{where}: other processes used {run.cpu.other_cores:.2f} cores meanwhile"
                 )
     check = outcome.check
-    for key in ("lost", "duplicates", "acks_missing", "ack_mismatches", "errors"):
+    for key in (
+        "lost",
+        "duplicates",
+        "diverged_replicas",
+        "acks_missing",
+        "ack_mismatches",
+        "errors",
+    ):
         if check.get(key):
             outcome.problems.append(f"INVALID {name}: {check[key]} {key.replace('_', ' ')}")
     if check.get("prev_gaps"):
@@ -364,12 +407,16 @@ def _add_metrics(report: Report, outcome: TargetOutcome, cfg: FanoutConfig) -> N
         f"{n}: deliveries per server CPU-second (saturation)",
         "deliveries/cpu-s",
         [r.deliveries_per_cpu_s for r in outcome.closed],
-        "deliveries divided by the CPU-seconds of the server process"
-        + (
-            " plus its PostgreSQL (and Redis) processes"
-            if len(outcome.closed[0].server_groups) > 1
-            else ""
-        ),
+        "deliveries divided by the CPU-seconds of " + (outcome.cpu_of or "the server process"),
+    )
+    report.add(
+        f"{n}: server CPU-seconds per 1k deliveries (saturation)",
+        "cpu-s",
+        [
+            1000 / r.deliveries_per_cpu_s if r.deliveries_per_cpu_s else math.nan
+            for r in outcome.closed
+        ],
+        "the same, the other way up",
     )
     report.add(
         f"{n}: server cores (saturation)",
@@ -415,40 +462,147 @@ def _add_metrics(report: Report, outcome: TargetOutcome, cfg: FanoutConfig) -> N
     )
 
 
-def _redis_url() -> str:
-    return os.environ.get("HUB_BENCH_REDIS_URL") or DEFAULT_REDIS_URL
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)
 
 
-def _measure_relay(cfg: FanoutConfig, log_dir: Path) -> TargetOutcome:
-    relay = start_relay(log_dir)
-    try:
-        target = Target("relay", relay.ws_url("/ws"))
-        return _run_target("relay", target, relay, {"server": Group.of([relay.pid])}, cfg, log_dir)
-    finally:
-        relay.stop()
+def _measure_processes(
+    name: str,
+    kind: Kind,
+    path: str,
+    start: Callable[[str], ServerProcess],
+    processes: int,
+    extra_groups: dict[str, Group],
+    cpu_of: str,
+    cfg: FanoutConfig,
+    log_dir: Path,
+    jwt_secret: str | None = None,
+    after_warmup: Callable[[], None] | None = None,
+) -> TargetOutcome:
+    """Start ``processes`` servers (``start(process name)``), load them as one target, stop them."""
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for i in range(processes):
+            server = start(_slug(name) + (f"-{i + 1}" if processes > 1 else ""))
+            stack.callback(server.stop)
+            servers.append(server)
+        target = Target.of(kind, [s.ws_url(path) for s in servers], jwt_secret)
+        groups = {"server": Group.of([s.pid for s in servers]), **extra_groups}
+        return _run_target(name, target, servers, groups, cfg, log_dir, after_warmup, cpu_of)
 
 
-def _measure_hub(cfg: FanoutConfig, db: Database, log_dir: Path) -> TargetOutcome:
+def _redis_group(redis: Redis) -> Group:
+    return Group.of([listener_pid(redis.port)])
+
+
+def _measure_relay(cfg: FanoutConfig, log_dir: Path, name: str = "relay") -> TargetOutcome:
+    return _measure_processes(
+        name,
+        "relay",
+        "/ws",
+        lambda process: start_relay(log_dir, process),
+        1,
+        {},
+        "the relay process",
+        cfg,
+        log_dir,
+    )
+
+
+def _measure_websockets_relay(
+    cfg: FanoutConfig, log_dir: Path, name: str = "websockets relay"
+) -> TargetOutcome:
+    return _measure_processes(
+        name,
+        "relay",
+        "/ws",
+        lambda process: start_websockets_relay(log_dir, process),
+        1,
+        {},
+        "the relay process",
+        cfg,
+        log_dir,
+    )
+
+
+def _measure_hub(
+    cfg: FanoutConfig,
+    db: Database,
+    log_dir: Path,
+    redis: Redis | None = None,
+    processes: int = 1,
+    name: str = "hub",
+) -> TargetOutcome:
+    """The hub on ``processes`` processes sharing ``db``; with ``redis``, its broker is Redis."""
     env = {"HUB_MAX_CONNECTIONS_PER_USER": str(max(10, cfg.devices))}
-    groups = {"server": Group.of([0]), "postgres": postgres_group(db.server_pid, db.name)}
-    if cfg.broker == "redis":
-        url = _redis_url()
-        env["HUB_REDIS_URL"] = url
-        port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-        groups["redis"] = Group.of([listener_pid(port)])
-    hub = start_hub(db.url, JWT_SECRET, log_dir, env)
-    try:
-        groups["server"] = Group.of([hub.pid])
-        target = Target("hub", hub.ws_url("/v1/ws"), JWT_SECRET)
-        return _run_target(
-            "hub", target, hub, groups, cfg, log_dir, lambda: uvloop.run(analyze(db.url))
-        )
-    finally:
-        hub.stop()
+    groups = {"postgres": postgres_group(db.server_pid, db.name)}
+    cpu_of = (
+        f"the hub process{'es' if processes > 1 else ''}, the PostgreSQL backends of its "
+        "database and the PostgreSQL server's own processes"
+    )
+    if redis is not None:
+        env["HUB_REDIS_URL"] = redis.url
+        groups["redis"] = _redis_group(redis)
+        cpu_of += ", and Redis"
+    elif processes > 1:
+        raise ValueError("several hub processes need a Redis")
+    return _measure_processes(
+        name,
+        "hub",
+        "/v1/ws",
+        lambda process: start_hub(db.url, JWT_SECRET, log_dir, env, process),
+        processes,
+        groups,
+        cpu_of,
+        cfg,
+        log_dir,
+        JWT_SECRET,
+        lambda: uvloop.run(analyze(db.url)),
+    )
 
 
-def _finish(report: Report, outcomes: list[TargetOutcome]) -> Report:
+def _measure_python_socketio(
+    cfg: FanoutConfig, redis: Redis, log_dir: Path, processes: int = 1
+) -> TargetOutcome:
+    return _measure_processes(
+        "python-socketio" + (f" x{processes}" if processes > 1 else ""),
+        "socketio",
+        "/socket.io/",
+        lambda process: start_python_socketio(log_dir, redis.url, process),
+        processes,
+        {"redis": _redis_group(redis)},
+        "the python-socketio process" + ("es" if processes > 1 else "") + " and Redis",
+        cfg,
+        log_dir,
+    )
+
+
+def _measure_node_socketio(
+    cfg: FanoutConfig, redis: Redis, log_dir: Path, report: Report, processes: int = 1
+) -> TargetOutcome | None:
+    """The Node Socket.IO peer, or ``None`` (with a note in ``report``) when it cannot run."""
+    name = "socket.io" + (f" x{processes}" if processes > 1 else "")
+    missing = node_peer_missing()
+    if missing is not None:
+        report.notes.append(f"{name} (Node) skipped: {missing}")
+        return None
+    return _measure_processes(
+        name,
+        "socketio",
+        "/socket.io/",
+        lambda process: start_node_socketio(log_dir, redis.url, process),
+        processes,
+        {"redis": _redis_group(redis)},
+        "the Node process" + ("es" if processes > 1 else "") + " and Redis",
+        cfg,
+        log_dir,
+    )
+
+
+def _finish(report: Report, outcomes: Sequence[TargetOutcome | None]) -> Report:
     for outcome in outcomes:
+        if outcome is None:
+            continue
         report.details[outcome.name] = outcome.as_json()
         for problem in outcome.problems:
             if problem.startswith("INVALID"):
@@ -474,30 +628,191 @@ def run_fanout(args: argparse.Namespace) -> Report:
     cfg = _config(args)
     log_dir = Path(tempfile.mkdtemp(prefix="hub-bench-fanout-"))
     started = dt.datetime.now(dt.UTC)
-    with bench_database() as db:
+    with contextlib.ExitStack() as stack:
+        db = stack.enter_context(bench_database())
+        redis = stack.enter_context(bench_redis()) if cfg.broker == "redis" else None
         report = Report(
             "fanout",
             started,
             asdict(cfg),
             machine.describe(postgresql=db.server_version, database=db.origin),
         )
-        hub = _measure_hub(cfg, db, log_dir)
+        hub = _measure_hub(cfg, db, log_dir, redis)
     relay = _measure_relay(cfg, log_dir)
     report.details["client"] = hub.ready.get("client")
     _add_metrics(report, hub, cfg)
     _add_metrics(report, relay, cfg)
-    report.add(
-        "hub / relay: saturation deliveries/s",
-        "ratio",
-        [h.deliveries_per_s / relay.saturation for h in hub.closed],
-        "each hub run divided by the relay's median",
-    )
-    relay_eff = median([r.deliveries_per_cpu_s for r in relay.closed])
-    report.add(
-        "hub / relay: deliveries per server CPU-second",
-        "ratio",
-        [h.deliveries_per_cpu_s / relay_eff for h in hub.closed],
-        "saturation phases; the hub's CPU includes its PostgreSQL backends",
-    )
+    _add_ratios(report, hub, relay)
     report.notes.append(f"logs: {log_dir}")
     return _finish(report, [hub, relay])
+
+
+# -- W2 and W3: the hub beside the ceilings and the peers ----------------------
+
+
+def _add_ratios(report: Report, a: TargetOutcome, b: TargetOutcome) -> tuple[float, float]:
+    """``a / b`` in saturation deliveries/s and deliveries per server CPU-second
+    (each run of ``a`` over ``b``'s median); their medians."""
+    rate = report.add(
+        f"{a.name} / {b.name}: saturation deliveries/s",
+        "ratio",
+        [r.deliveries_per_s / b.saturation for r in a.closed],
+        f"each {a.name} run divided by the {b.name}'s median",
+    )
+    b_eff = median([r.deliveries_per_cpu_s for r in b.closed])
+    eff = report.add(
+        f"{a.name} / {b.name}: deliveries per server CPU-second",
+        "ratio",
+        [r.deliveries_per_cpu_s / b_eff for r in a.closed],
+        "saturation phases; each side's server CPU as counted in its own metric",
+    )
+    return rate.median, eff.median
+
+
+def _p99(outcome: TargetOutcome) -> float:
+    return median([r.result["latency"]["p99_ms"] for r in outcome.open])
+
+
+def _peer_targets(
+    report: Report,
+    workload: str,
+    hub: TargetOutcome,
+    python_socketio: TargetOutcome,
+    node: TargetOutcome | None,
+) -> None:
+    """The goals against the peers on the same topology."""
+    rate, _ = _add_ratios(report, hub, python_socketio)
+    report.target(
+        f"{workload}: {hub.name} / {python_socketio.name}, saturation deliveries/s",
+        rate,
+        10.0,
+        meaning="medians of the closed-loop runs",
+    )
+    report.target(
+        f"{workload}: {hub.name} half-load p99 (ms), lower than {python_socketio.name}'s",
+        _p99(hub),
+        _p99(python_socketio),
+        at_least=False,
+        meaning="each at half its own saturation rate; the goal is the peer's median p99",
+    )
+    if node is not None:
+        rate, _ = _add_ratios(report, hub, node)
+        report.target(
+            f"{workload}: {hub.name} / {node.name}, saturation deliveries/s",
+            rate,
+            1.0,
+            meaning="medians of the closed-loop runs; the peer persists nothing",
+        )
+
+
+PEERS_NOTE = (
+    "python-socketio and socket.io persist nothing: they pass each push on through "
+    "Redis pub/sub; the hub validates, merges and commits every push to PostgreSQL "
+    "before its events go out"
+)
+
+
+def add_w2_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, seconds=W_SECONDS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: 50 users, one run of 0.5 s phases (rough numbers)",
+    )
+
+
+add_w3_arguments = add_w2_arguments
+
+
+def _w_config(args: argparse.Namespace, broker: str) -> FanoutConfig:
+    cfg = replace(_config(args), broker=broker, warmup_s=W_WARMUP_S)
+    if getattr(args, "quick", False):
+        cfg = replace(cfg, users=min(cfg.users, 50), runs=1, seconds=0.5, warmup_s=0.2)
+    return cfg
+
+
+def _describe_redis(report: Report, redis: Redis) -> None:
+    report.config["redis"] = redis.origin
+    report.notes.append(f"Redis: {redis.origin} ({redis.url})")
+
+
+def run_w2(args: argparse.Namespace) -> Report:
+    """W2: same-user fan-out on one process: the hub, both bare relays, both peers."""
+    cfg = _w_config(args, "memory")
+    log_dir = Path(tempfile.mkdtemp(prefix="hub-bench-w2-"))
+    started = dt.datetime.now(dt.UTC)
+    with bench_redis() as redis:
+        with bench_database() as db:
+            report = Report(
+                "w2",
+                started,
+                asdict(cfg),
+                machine.describe(postgresql=db.server_version, database=db.origin),
+            )
+            _describe_redis(report, redis)
+            hub = _measure_hub(cfg, db, log_dir)
+        starlette = _measure_relay(cfg, log_dir, "starlette relay")
+        websockets = _measure_websockets_relay(cfg, log_dir)
+        python_socketio = _measure_python_socketio(cfg, redis, log_dir)
+        node = _measure_node_socketio(cfg, redis, log_dir, report)
+    outcomes = [hub, starlette, websockets, python_socketio, node]
+    report.details["client"] = hub.ready.get("client")
+    for outcome in outcomes:
+        if outcome is not None:
+            _add_metrics(report, outcome, cfg)
+    _, eff = _add_ratios(report, hub, starlette)
+    _add_ratios(report, hub, websockets)
+    report.target(
+        "W2: hub deliveries per server CPU-second / the starlette relay's",
+        eff,
+        0.5,
+        meaning="saturation medians; the hub's CPU includes PostgreSQL (its broker is "
+        "in-process); its throughput is the 'hub: saturation deliveries/s' metric",
+    )
+    _peer_targets(report, "W2", hub, python_socketio, node)
+    report.notes.append(PEERS_NOTE)
+    report.notes.append(f"logs: {log_dir}")
+    return _finish(report, outcomes)
+
+
+def run_w3(args: argparse.Namespace) -> Report:
+    """W3: the W2 topology on two processes per server through Redis, beside the
+    one-process hub (in-process broker) for the W3/W2 ratio, measured in the same run."""
+    cfg = _w_config(args, "redis")
+    log_dir = Path(tempfile.mkdtemp(prefix="hub-bench-w3-"))
+    started = dt.datetime.now(dt.UTC)
+    with bench_redis() as redis:
+        with bench_database() as db:
+            report = Report(
+                "w3",
+                started,
+                asdict(cfg),
+                machine.describe(postgresql=db.server_version, database=db.origin),
+            )
+            _describe_redis(report, redis)
+            hub2 = _measure_hub(cfg, db, log_dir, redis, processes=2, name="hub x2")
+            hub1 = _measure_hub(replace(cfg, broker="memory"), db, log_dir)
+        python_socketio = _measure_python_socketio(cfg, redis, log_dir, processes=2)
+        node = _measure_node_socketio(cfg, redis, log_dir, report, processes=2)
+    outcomes = [hub2, hub1, python_socketio, node]
+    report.details["client"] = hub2.ready.get("client")
+    for outcome in outcomes:
+        if outcome is not None:
+            _add_metrics(report, outcome, cfg)
+    rate, _ = _add_ratios(report, hub2, hub1)
+    report.target(
+        "W3: hub x2 / hub (W2), saturation deliveries/s",
+        rate,
+        0.7,
+        meaning="two hub processes through Redis, each user's devices split between them "
+        "(even devices on one, odd on the other), over one hub process with its in-process "
+        "broker, measured in the same run",
+    )
+    _peer_targets(report, "W3", hub2, python_socketio, node)
+    report.notes.append(
+        "W3: device d of every user connects to process d mod 2, so the sender and one "
+        "receiver share a process and two receivers are on the other"
+    )
+    report.notes.append(PEERS_NOTE)
+    report.notes.append(f"logs: {log_dir}")
+    return _finish(report, outcomes)

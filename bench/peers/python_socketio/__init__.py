@@ -1,0 +1,1 @@
+"""python-socketio with ``AsyncRedisManager``: see :mod:`.server`."""
