@@ -89,7 +89,7 @@ class PushConfig:
     clients: int = 64
     concurrent_seconds: float = 4.0
     ceiling_runs: int = 5
-    max_run_seconds: float = 4.0  # a run of (a) stops here, early (and says so)
+    max_run_seconds: float = 3.0  # a run of (a) stops here, early (and says so)
 
 
 QUICK = PushConfig(
