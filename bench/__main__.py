@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, push, suite
+from . import fanout, idle, push, suite
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -69,6 +69,13 @@ def parser() -> argparse.ArgumentParser:
             "between them: the hub (and its ratio to one process) and both peers",
             fanout.add_w3_arguments,
             fanout.run_w3,
+        ),
+        (
+            "w1",
+            "idle capacity: RSS per authenticated idle connection, connect rate and p99, "
+            "up to 19,800 connections on one hub process, next to both bare relays",
+            idle.add_arguments,
+            idle.run,
         ),
     ]
     for name, help_text, add_arguments, runner in workloads:
