@@ -337,6 +337,8 @@ def markdown(report: Report, outcomes: list[WorkloadRun], command: str) -> str:
         lines += ["", f"### {o.name}", ""]
         if o.result is None:
             lines.append(f"{o.status}: " + "; ".join(o.notes or ["no result"]))
+            if o.status in ("failed", "timeout") and o.output_tail:
+                lines += ["", "Its last lines of output:", "", "```", *o.output_tail[-8:], "```"]
             continue
         runs = max((len(m.get("runs", [])) for m in o.result.get("metrics", [])), default=0)
         lines += [
