@@ -16,8 +16,10 @@ CREATE TABLE IF NOT EXISTS hub_users (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per record: its deletion state. `version` is the version of the
--- push that last raised the delete stamp.
+-- One row per deleted record: its delete stamp. A record that was never
+-- deleted has no row here (its fields are its whole state); rows of live
+-- records written by earlier versions of the hub are harmless. `version` is
+-- the version of the push that last raised the delete stamp.
 CREATE TABLE IF NOT EXISTS hub_records (
     user_id     text NOT NULL,
     collection  text COLLATE "C" NOT NULL,

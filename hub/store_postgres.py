@@ -109,11 +109,11 @@ FROM json_array_elements($1::json) AS k
 JOIN hub_receipts r ON r.user_id = k->>0 AND r.scope = k->>1 AND r.key = k->>2
 WHERE r.created_at > now() - interval '{RECEIPT_TTL}'
 UNION ALL
-SELECT 's', r.user_id, r.collection, r.record_id, f.field, f.hlc, NULL, r.deleted_hlc
+SELECT 's', k->>0, k->>1, k->>2, f.field, f.hlc, NULL, r.deleted_hlc
 FROM json_array_elements($2::json) AS k
-JOIN hub_records r ON r.user_id = k->>0 AND r.collection = k->>1 AND r.record_id = k->>2
-LEFT JOIN hub_fields f ON f.user_id = r.user_id AND f.collection = r.collection
-    AND f.record_id = r.record_id
+LEFT JOIN hub_records r ON r.user_id = k->>0 AND r.collection = k->>1 AND r.record_id = k->>2
+LEFT JOIN hub_fields f ON f.user_id = k->>0 AND f.collection = k->>1 AND f.record_id = k->>2
+WHERE r.user_id IS NOT NULL OR f.user_id IS NOT NULL
 UNION ALL
 SELECT 'd', d.user_id, d.device, NULL, NULL, NULL, NULL, NULL
 FROM json_array_elements($3::json) AS k
@@ -179,7 +179,7 @@ WITH keys AS (
     SELECT version, collection, record_id FROM (
         (SELECT DISTINCT f.version, f.collection, f.record_id
          FROM hub_fields f
-         JOIN hub_records r USING (user_id, collection, record_id)
+         LEFT JOIN hub_records r USING (user_id, collection, record_id)
          WHERE f.user_id = $1 AND (f.version, f.collection, f.record_id) > ($2, $3, $4)
            AND ($6::text IS NULL OR f.collection = $6)
            AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
@@ -205,7 +205,7 @@ SELECT k.version, k.collection, k.record_id,
        (SELECT u.version FROM hub_users u WHERE u.user_id = $1) AS user_version,
        (SELECT u.horizon FROM hub_users u WHERE u.user_id = $1) AS horizon
 FROM keys k
-JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
+LEFT JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
     AND r.record_id = k.record_id
 LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
     AND f.record_id = k.record_id AND f.version = k.version
@@ -220,12 +220,16 @@ SELECT r.collection,
        count(*) FILTER (WHERE NOT dead) AS live,
        count(*) FILTER (WHERE dead) AS deleted
 FROM (
-    SELECT r.collection,
+    SELECT k.collection,
            (r.deleted_hlc IS NOT NULL AND NOT EXISTS (
                SELECT 1 FROM hub_fields f
-               WHERE f.user_id = r.user_id AND f.collection = r.collection
-                 AND f.record_id = r.record_id AND f.hlc > r.deleted_hlc)) AS dead
-    FROM hub_records r WHERE r.user_id = $1
+               WHERE f.user_id = $1 AND f.collection = k.collection
+                 AND f.record_id = k.record_id AND f.hlc > r.deleted_hlc)) AS dead
+    FROM (SELECT DISTINCT collection, record_id FROM hub_fields WHERE user_id = $1
+          UNION
+          SELECT collection, record_id FROM hub_records WHERE user_id = $1) k
+    LEFT JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
+        AND r.record_id = k.record_id
 ) r
 GROUP BY r.collection ORDER BY r.collection
 """
@@ -694,7 +698,6 @@ def _merge(
         record = state.get(key)
         if record is None:
             record = state[key] = RecordState()
-            plan.records[key] = (None, version, push.device, change.origin, change.actor)
         if change.op == "delete":
             assert change.hlc is not None
             if apply_delete(record, change.hlc):
