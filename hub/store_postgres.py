@@ -105,18 +105,18 @@ ORDER BY user_id FOR UPDATE
 READ = f"""
 SELECT 'r' AS kind, r.user_id, r.scope, r.key, NULL AS field, NULL AS hlc, r.digest,
        r.response::text AS response
-FROM json_array_elements($1::json) AS k
+FROM jsonb_array_elements($1::jsonb) AS k
 JOIN hub_receipts r ON r.user_id = k->>0 AND r.scope = k->>1 AND r.key = k->>2
 WHERE r.created_at > now() - interval '{RECEIPT_TTL}'
 UNION ALL
 SELECT 's', k->>0, k->>1, k->>2, f.field, f.hlc, NULL, r.deleted_hlc
-FROM json_array_elements($2::json) AS k
+FROM jsonb_array_elements($2::jsonb) AS k
 LEFT JOIN hub_records r ON r.user_id = k->>0 AND r.collection = k->>1 AND r.record_id = k->>2
 LEFT JOIN hub_fields f ON f.user_id = k->>0 AND f.collection = k->>1 AND f.record_id = k->>2
 WHERE r.user_id IS NOT NULL OR f.user_id IS NOT NULL
 UNION ALL
 SELECT 'd', d.user_id, d.device, NULL, NULL, NULL, NULL, NULL
-FROM json_array_elements($3::json) AS k
+FROM jsonb_array_elements($3::jsonb) AS k
 JOIN hub_devices d ON d.user_id = k->>0 AND d.device = k->>1
 WHERE d.revoked_at IS NOT NULL
 """
@@ -124,13 +124,16 @@ WHERE d.revoked_at IS NOT NULL
 # Everything a batch writes, in one statement. The rows come as JSON arrays
 # (one parameter per table): field values and actors are embedded as they
 # are, without being decoded, and PostgreSQL parses them straight into jsonb.
+# The parameters are jsonb, parsed once: on json text, each ->> parses the
+# element again (measured: 11 -> 7.5 ms for 1000 rows; 40 -> 31 us of
+# PostgreSQL CPU per push in batches of 30 one-change pushes).
 WRITE = """
 WITH fields AS (
     INSERT INTO hub_fields AS t
         (user_id, collection, record_id, field, value, hlc, version, device, origin, actor)
     SELECT e->>0, e->>1, e->>2, e->>3, (e->4)::jsonb, e->>5, (e->>6)::bigint, e->>7, e->>8,
            nullif((e->9)::jsonb, 'null')
-    FROM json_array_elements($1::json) AS e
+    FROM jsonb_array_elements($1::jsonb) AS e
     ON CONFLICT (user_id, collection, record_id, field) DO UPDATE
         SET value = excluded.value, hlc = excluded.hlc, version = excluded.version,
             device = excluded.device, origin = excluded.origin, actor = excluded.actor
@@ -141,7 +144,7 @@ WITH fields AS (
         (user_id, collection, record_id, deleted_hlc, deleted_at, version, device, origin, actor)
     SELECT e->>0, e->>1, e->>2, e->>3, CASE WHEN e->>3 IS NULL THEN NULL ELSE now() END,
            (e->>4)::bigint, e->>5, e->>6, nullif((e->7)::jsonb, 'null')
-    FROM json_array_elements($2::json) AS e
+    FROM jsonb_array_elements($2::jsonb) AS e
     ON CONFLICT (user_id, collection, record_id) DO UPDATE
         SET deleted_hlc = excluded.deleted_hlc, deleted_at = excluded.deleted_at,
             version = excluded.version, device = excluded.device,
@@ -150,19 +153,19 @@ WITH fields AS (
     RETURNING 1
 ), users AS (
     UPDATE hub_users AS t SET version = (e->>1)::bigint
-    FROM json_array_elements($3::json) AS e
+    FROM jsonb_array_elements($3::jsonb) AS e
     WHERE t.user_id = e->>0
     RETURNING 1
 ), receipts AS (
     INSERT INTO hub_receipts (user_id, scope, key, digest, response)
     SELECT e->>0, e->>1, e->>2, decode(e->>3, 'hex'), (e->4)::jsonb
-    FROM json_array_elements($4::json) AS e
+    FROM jsonb_array_elements($4::jsonb) AS e
     ON CONFLICT (user_id, scope, key) DO UPDATE
         SET digest = excluded.digest, response = excluded.response, created_at = now()
     RETURNING 1
 ), devices AS (
     INSERT INTO hub_devices AS t (user_id, device)
-    SELECT e->>0, e->>1 FROM json_array_elements($5::json) AS e
+    SELECT e->>0, e->>1 FROM jsonb_array_elements($5::jsonb) AS e
     ON CONFLICT (user_id, device) DO UPDATE SET last_seen = now()
         WHERE t.last_seen < now() - interval '1 minute'
     RETURNING 1
