@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, idle, push, suite
+from . import fanout, idle, push, storm, suite
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -76,6 +76,14 @@ def parser() -> argparse.ArgumentParser:
             "up to 19,800 connections on one hub process, next to both bare relays",
             idle.add_arguments,
             idle.run,
+        ),
+        (
+            "w5",
+            "reconnect storm: 2,000 devices drop, 10,000 changes happen, all reconnect at once; "
+            "time until every replica holds the server's state, database load, every replica "
+            "checked",
+            storm.add_arguments,
+            storm.run,
         ),
     ]
     for name, help_text, add_arguments, runner in workloads:

@@ -116,7 +116,8 @@ class IdleClients:
                     )
                     if idle.welcome is not None:
                         await asyncio.wait_for(asyncio.shield(idle.welcome), 10.0)
-                    elif self.stall:
+                    if self.stall:
+                        # Again: the welcome may have come before the connection was returned.
                         self._stall(idle)
                 except Exception as exc:  # counted and reported; the run is judged on them
                     if len(errors) < 5:
