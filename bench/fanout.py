@@ -56,13 +56,14 @@ from .servers import (
     ServerProcess,
     bench_redis,
     node_peer_missing,
+    peer_versions,
     start_hub,
     start_node_socketio,
     start_python_socketio,
     start_relay,
     start_websockets_relay,
 )
-from .stats import median
+from .stats import median, summarize_ns
 from .targets import Kind, Target
 
 __all__ = [
@@ -84,6 +85,9 @@ JWT_SECRET = "bench-secret-" + "y" * 40
 # W2 and W3 load five targets each, three runs of two phases, in under a minute.
 W_SECONDS = 1.0
 W_WARMUP_S = 0.5
+# The websockets relay takes about 65,000 deliveries/s from one picows process
+# at 0.85 of a core (mostly recv and send system calls): two share that load.
+W_LOADGENS = 2
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,10 @@ class FanoutConfig:
     client: str = "auto"
     broker: str = "memory"  # the hub's broker: "memory" (in-process) or "redis"
     warmup_s: float = WARMUP_S
+    loadgens: int = 1  # load generator processes, each carrying a share of the users
 
 
-def _add_common(parser: argparse.ArgumentParser, seconds: float) -> None:
+def _add_common(parser: argparse.ArgumentParser, seconds: float, loadgens: int = 1) -> None:
     d = FanoutConfig()
     parser.add_argument("--users", type=int, default=d.users, help="users (one sender each)")
     parser.add_argument("--devices", type=int, default=d.devices, help="connections per user")
@@ -108,6 +113,13 @@ def _add_common(parser: argparse.ArgumentParser, seconds: float) -> None:
         choices=["auto", "picows", "websockets"],
         default=d.client,
         help="WebSocket client library of the load generator (auto: picows, else websockets)",
+    )
+    parser.add_argument(
+        "--loadgens",
+        type=int,
+        default=loadgens,
+        help="load generator processes, each carrying a share of the users; a run is invalid "
+        f"when one of them uses more than {LOADGEN_MAX_CORES} of a core",
     )
 
 
@@ -129,6 +141,8 @@ def add_fanout_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> FanoutConfig:
     if args.devices < 2 or args.users < 1 or args.runs < 1 or args.seconds <= 0:
         raise SystemExit("bench: want --devices >= 2, --users >= 1, --runs >= 1, --seconds > 0")
+    if not 1 <= args.loadgens <= args.users:
+        raise SystemExit("bench: want 1 <= --loadgens <= --users")
     return FanoutConfig(
         users=args.users,
         devices=args.devices,
@@ -136,6 +150,7 @@ def _config(args: argparse.Namespace) -> FanoutConfig:
         seconds=args.seconds,
         client=args.client,
         broker=getattr(args, "broker", "memory"),
+        loadgens=args.loadgens,
     )
 
 
@@ -215,6 +230,95 @@ class LoadgenProcess:
         self._log.close()
 
 
+class LoadgenShards:
+    """Several load generator processes, each carrying a shard of the users, seen
+    as one: commands go to all at once (an open loop's rate split evenly), and
+    their answers are merged (counts and rates added, latencies pooled)."""
+
+    def __init__(self, config: LoadgenConfig, processes: int, log_dir: Path, name: str) -> None:
+        self.parts = [
+            LoadgenProcess(
+                replace(config, shard=i, shards=processes),
+                log_dir / f"loadgen-{name}{f'-{i + 1}' if processes > 1 else ''}.log",
+            )
+            for i in range(processes)
+        ]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.parts]
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        answers = [p.expect(event, timeout) for p in self.parts]
+        if len(answers) == 1:
+            return answers[0]
+        merged = dict(answers[0])
+        merged["connections"] = sum(a["connections"] for a in answers)
+        merged["connect_s"] = max(a["connect_s"] for a in answers)
+        return merged
+
+    def command(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        n = len(self.parts)
+        if message.get("cmd") == "open":
+            message = {**message, "rate": message["rate"] / n}
+        for p in self.parts:
+            p._write(message)
+        answers = [p.expect("result", timeout) for p in self.parts]
+        if message.get("cmd") == "check":
+            return _merge_checks(answers)
+        return _merge_phases(answers)
+
+    def stop(self) -> None:
+        for p in self.parts:
+            p.stop()
+
+
+SUMMED = (
+    "sent",
+    "deliveries",
+    "deliveries_in_window",
+    "deliveries_per_s",
+    "pending_after_drain",
+    "closed_connections",
+    "target_rate",
+    "scheduled",
+    "sent_late_or_never",
+)
+
+
+def _merge_phases(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One phase's results from several shards as if from one load generator."""
+    merged = dict(answers[0])
+    if len(answers) > 1:
+        for key in SUMMED:
+            if key in merged:
+                merged[key] = sum(a[key] for a in answers)
+        merged["window_s"] = max(a["window_s"] for a in answers)
+        merged["drained"] = all(a["drained"] for a in answers)
+        merged["loadgen_cores_self"] = max(a["loadgen_cores_self"] for a in answers)
+        for summary, raw in (
+            ("latency", "latency_ns"),
+            ("round", "round_ns"),
+            ("send_lag", "send_lag_ns"),
+        ):
+            if raw in merged:
+                merged[summary] = summarize_ns([v for a in answers for v in a[raw]])
+    for raw in ("latency_ns", "round_ns", "send_lag_ns"):
+        merged.pop(raw, None)
+    return merged
+
+
+def _merge_checks(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(answers[0])
+    for a in answers[1:]:
+        for key, value in a.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                merged[key] += value
+        merged["first_errors"] = (merged["first_errors"] + a["first_errors"])[:10]
+        merged["close_codes"] = sorted(set(merged["close_codes"]) | set(a["close_codes"]))
+    return merged
+
+
 # -- phases against one target --------------------------------------------------
 
 
@@ -242,7 +346,14 @@ class PhaseRun:
 
     @property
     def loadgen_cores(self) -> float:
-        return self.cpu.share("loadgen")
+        """The busiest load generator process's cores (the one that could set the pace)."""
+        return max(
+            (self.cpu.share(g) for g in self.cpu.cpu_s if g.startswith("loadgen")), default=0.0
+        )
+
+    @property
+    def loadgen_cores_total(self) -> float:
+        return sum(self.cpu.share(g) for g in self.cpu.cpu_s if g.startswith("loadgen"))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -251,6 +362,7 @@ class PhaseRun:
             "server_cores": self.server_cpu_s / self.cpu.wall_s if self.cpu.wall_s else 0.0,
             "deliveries_per_server_cpu_s": self.deliveries_per_cpu_s,
             "loadgen_cores_measured": self.loadgen_cores,
+            "loadgen_cores_total": self.loadgen_cores_total,
         }
 
 
@@ -304,7 +416,7 @@ def _run_target(
         tag=f"bench-{secrets.token_hex(3)}",
         client=cfg.client,
     )
-    loadgen = LoadgenProcess(loadgen_config, log_dir / f"loadgen-{_slug(name)}.log")
+    loadgen = LoadgenShards(loadgen_config, cfg.loadgens, log_dir, _slug(name))
     try:
         try:
             ready = loadgen.expect("ready", loadgen_config.connect_timeout_s + 15)
@@ -316,9 +428,11 @@ def _run_target(
                 f"the load generator could not connect to the {name}: {exc}\n{logs}"
             ) from None
         outcome = TargetOutcome(name, ready, cpu_of=cpu_of)
-        meter = CpuMeter(
-            {**groups, "loadgen": Group.of([loadgen.pid]), "bench": Group.of([os.getpid()])}
-        )
+        loadgen_groups = {
+            "loadgen" + (f"-{i + 1}" if len(loadgen.pids) > 1 else ""): Group.of([pid])
+            for i, pid in enumerate(loadgen.pids)
+        }
+        meter = CpuMeter({**groups, **loadgen_groups, "bench": Group.of([os.getpid()])})
         server_groups = tuple(groups)
         timeout = cfg.seconds + loadgen_config.drain_s + 30
 
@@ -458,8 +572,14 @@ def _add_metrics(report: Report, outcome: TargetOutcome, cfg: FanoutConfig) -> N
         f"{n}: load generator cores (max of phases)",
         "cores",
         [max(r.loadgen_cores for r in outcome.closed + outcome.open)],
-        f"a run is invalid above {LOADGEN_MAX_CORES}",
+        f"the busiest load generator process; a run is invalid above {LOADGEN_MAX_CORES}",
     )
+    if cfg.loadgens > 1:
+        report.add(
+            f"{n}: load generator cores, all {cfg.loadgens} processes (max of phases)",
+            "cores",
+            [max(r.loadgen_cores_total for r in outcome.closed + outcome.open)],
+        )
 
 
 def _slug(name: str) -> str:
@@ -713,7 +833,7 @@ PEERS_NOTE = (
 
 
 def add_w2_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser, seconds=W_SECONDS)
+    _add_common(parser, seconds=W_SECONDS, loadgens=W_LOADGENS)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -731,9 +851,11 @@ def _w_config(args: argparse.Namespace, broker: str) -> FanoutConfig:
     return cfg
 
 
-def _describe_redis(report: Report, redis: Redis) -> None:
-    report.config["redis"] = redis.origin
-    report.notes.append(f"Redis: {redis.origin} ({redis.url})")
+def _describe_servers(report: Report, redis: Redis) -> None:
+    report.machine["redis"] = redis.version
+    report.config["redis"] = {"url": redis.url, "origin": redis.origin}
+    report.config["peers"] = peer_versions()
+    report.notes.append(f"Redis {redis.version}: {redis.origin} ({redis.url})")
 
 
 def run_w2(args: argparse.Namespace) -> Report:
@@ -749,7 +871,7 @@ def run_w2(args: argparse.Namespace) -> Report:
                 asdict(cfg),
                 machine.describe(postgresql=db.server_version, database=db.origin),
             )
-            _describe_redis(report, redis)
+            _describe_servers(report, redis)
             hub = _measure_hub(cfg, db, log_dir)
         starlette = _measure_relay(cfg, log_dir, "starlette relay")
         websockets = _measure_websockets_relay(cfg, log_dir)
@@ -789,7 +911,7 @@ def run_w3(args: argparse.Namespace) -> Report:
                 asdict(cfg),
                 machine.describe(postgresql=db.server_version, database=db.origin),
             )
-            _describe_redis(report, redis)
+            _describe_servers(report, redis)
             hub2 = _measure_hub(cfg, db, log_dir, redis, processes=2, name="hub x2")
             hub1 = _measure_hub(replace(cfg, broker="memory"), db, log_dir)
         python_socketio = _measure_python_socketio(cfg, redis, log_dir, processes=2)

@@ -14,6 +14,11 @@ Socket.IO peers are spoken to in Engine.IO 4 / Socket.IO 5 directly over the
 WebSocket (no Socket.IO client library): ``40`` to connect, ``42[...]`` events,
 pings answered.
 
+One process may carry only a shard of the users (``shard`` of ``shards``:
+users ``shard, shard + shards, ...``), so that several load generator
+processes share a load one core could not drive; each then also returns its
+raw latencies (``*_ns`` keys) for the orchestrator to merge.
+
 Phases:
 
 - ``closed``: every user has one message in flight; when all its peers got it
@@ -66,6 +71,8 @@ class LoadgenConfig:
     connect_concurrency: int = 50
     connect_timeout_s: float = 30.0
     drain_s: float = 2.0
+    shard: int = 0  # this process carries users shard, shard + shards, ...
+    shards: int = 1
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +84,8 @@ class LoadgenConfig:
             "connect_concurrency": self.connect_concurrency,
             "connect_timeout_s": self.connect_timeout_s,
             "drain_s": self.drain_s,
+            "shard": self.shard,
+            "shards": self.shards,
         }
 
     @classmethod
@@ -252,7 +261,10 @@ class Loadgen:
         self.config = config
         self.target = config.target
         self.expected_receipts = (config.devices - 1) + (1 if self.target.sends_ack else 0)
-        self.users = [User(i, f"{config.tag}-u{i}", Clock("d0")) for i in range(config.users)]
+        self.users = [
+            User(i, f"{config.tag}-u{i}", Clock("d0"))
+            for i in range(config.shard, config.users, config.shards)
+        ]
         for user in self.users:
             user.devices = [Device(user, d) for d in range(config.devices)]
         self.phase = Phase("idle", active=False)
@@ -261,6 +273,7 @@ class Loadgen:
         self.unexpected = 0
         self.client = ""
         self.socketio = self.target.kind == "socketio"
+        self.relayed = not self.target.sends_ack  # peers get the push itself, not a change
         self.frame = self.target.frame
 
     # -- receiving ----------------------------------------------------------
@@ -276,7 +289,7 @@ class Loadgen:
             msg = orjson.loads(payload)
         kind = msg.get("type")
         user = device.user
-        if kind == "change" or (kind == "push" and not self.target.sends_ack):
+        if kind == "change" or (kind == "push" and self.relayed):
             seq = sequence_of(msg)
             key = msg["version"] if kind == "change" else seq
             if device.index == 0:
@@ -383,8 +396,8 @@ class Loadgen:
                 device.conn = await connect(
                     self.target.url(user.name, f"d{device.index}", device.index),
                     self.target.headers(user.name),
-                    lambda payload: self.on_message(device, payload),
-                    lambda code: self.on_closed(device, code),
+                    functools.partial(self.on_message, device),
+                    functools.partial(self.on_closed, device),
                 )
                 if hello is not None:
                     device.conn.send(hello)
@@ -467,6 +480,8 @@ class Loadgen:
         drained = await self._drain()
         result = self._result(phase, start, end, drained, seconds)
         result["send_lag"] = summarize_ns(lag)
+        if self.config.shards > 1:
+            result["send_lag_ns"] = lag
         result["target_rate"] = rate
         result["scheduled"] = total
         result["sent_late_or_never"] = total - k
@@ -499,6 +514,11 @@ class Loadgen:
             "drained": drained,
             "pending_after_drain": pending,
             "closed_connections": sum(d.closed for u in self.users for d in u.devices),
+            **(
+                {"latency_ns": phase.latencies, "round_ns": phase.rounds}
+                if self.config.shards > 1
+                else {}
+            ),
         }
 
     def check(self) -> dict[str, Any]:

