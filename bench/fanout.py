@@ -21,6 +21,14 @@ then the client, not the server, may have set the pace.
 
 ``relay`` runs the bare relay only; ``fanout`` runs the hub and the relay in
 the same invocation and reports hub/relay ratios.
+
+``w2`` (same-user fan-out on one process) runs the hub, both bare relays
+(:mod:`bench.relay_starlette`, :mod:`bench.relay_websockets`) and the two
+Socket.IO peers (:mod:`bench.peers`) with Redis; ``w3`` runs the hub and the
+peers as two processes each through Redis, device ``d`` of every user on
+process ``d mod 2``, and the one-process hub again for the W3/W2 ratio. Both
+record the issue's goals with :meth:`bench.report.Report.target`, and drive the
+load from two load generator processes (:class:`LoadgenShards`).
 """
 
 from __future__ import annotations
