@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, idle, push, storm, suite
+from . import fanout, idle, push, slow, storm, suite
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -84,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
             "checked",
             storm.add_arguments,
             storm.run,
+        ),
+        (
+            "w6",
+            "slow consumer: one device stops reading under fan-out load; the hub's memory stays "
+            "bounded, the device is closed with 1013 and the other devices' p99 does not move",
+            slow.add_arguments,
+            slow.run,
         ),
     ]
     for name, help_text, add_arguments, runner in workloads:
