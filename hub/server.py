@@ -8,6 +8,7 @@ fast stack: uvloop, httptools, and the sans-I/O ``websockets`` protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
@@ -30,6 +31,10 @@ __all__ = ["HubServer", "bind", "run_workers", "uvicorn_config"]
 log = logging.getLogger("hub.server")
 
 WS_MAX_MESSAGE_BYTES = 1024 * 1024
+# The kernel's send buffer of a WebSocket (Linux doubles it). Left to grow by
+# itself on loopback it reached about 4 MB for a peer that stopped reading,
+# so such a peer was found (queue full, 1013) only after minutes of events.
+WS_SEND_BUFFER_BYTES = 256 * 1024
 DRAIN_BATCH = 200  # connections closed per step of a graceful shutdown
 DRAIN_STEP_S = 0.05
 
@@ -37,6 +42,19 @@ DRAIN_STEP_S = 0.05
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, closing a silent peer with 4000, not 1011,
     and taking pre-built frames (:meth:`write_frame`) for fan-out."""
+
+    def connection_made(self, transport: Any) -> None:  # the upgrade of an HTTP connection
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SEND_BUFFER_BYTES)
+
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake: for a peer that
+        does not read, whose close frame would never go out."""
+        if not self.transport.is_closing():
+            self.transport.abort()
 
     def write_frame(self, frame: bytes) -> bool:
         """Write a whole pre-built text frame now if the socket takes it.

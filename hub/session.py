@@ -64,6 +64,7 @@ EXPIRY_WARNING_S = 60.0
 MAX_PUSHES_IN_FLIGHT = 64
 MAX_STRIKES = 20
 MAX_PULL_ANSWER_BYTES = 1024 * 1024 - 1024
+CLOSE_SEND_S = 5.0  # a close frame not written by then: the peer does not read; drop it
 
 
 class Session:
@@ -84,6 +85,9 @@ class Session:
         self.notify_only = False
         self.principal: Principal | None = None
         self._queue: deque[str] = deque()
+        # Events that came before the welcome went out (the user's channel is
+        # subscribed first, so none is missed); None once welcomed.
+        self._early: list[str] | None = []
         self._closing: tuple[int, str] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -104,6 +108,12 @@ class Session:
         server supports it and nothing is queued before it.
         """
         if self._closing is not None:
+            return
+        if self._early is not None:
+            if len(self._early) >= self.hub.settings.send_queue_size:
+                self.close_soon(WS_1013_TOO_SLOW, "too slow; reconnect and pull")
+            else:
+                self._early.append(text)
             return
         if not self._sending and not self._queue and self._frames is not None:
             if self._frames.write_frame(frame or text_frame(text.encode())):
@@ -163,8 +173,16 @@ class Session:
     async def _send_close(self) -> None:
         assert self._closing is not None
         code, reason = self._closing
-        with contextlib.suppress(Exception):
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        try:
+            await asyncio.wait_for(
+                self._send({"type": "websocket.close", "code": code, "reason": reason}),
+                CLOSE_SEND_S,
+            )
+        except TimeoutError:
+            if self._frames is not None:
+                self._frames.abort()
+        except Exception:  # the client is gone already
+            pass
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -229,7 +247,10 @@ class Session:
                 "version": version,
                 "heartbeat_s": hub.settings.heartbeat_s,
             }
+            early, self._early = self._early, None
             self.deliver(orjson.dumps(welcome).decode())
+            for text in early or ():
+                self.deliver(text)
             await self._read_loop()
         except Unavailable:
             self.close_soon(WS_1013_TOO_SLOW, "the database is unavailable; retry")
