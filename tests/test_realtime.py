@@ -77,6 +77,34 @@ async def test_change_crosses_processes_to_the_users_other_devices_only(two_hubs
         await d.close()
 
 
+async def test_welcome_comes_first_even_while_the_user_is_pushing(shared_hub, user):
+    """A connection subscribes to its user's events before it reads the version
+    for its welcome; events of that window must follow the welcome, not precede it."""
+    pusher = await connect(shared_hub, user, "pusher")
+    stop = asyncio.Event()
+
+    async def push_until_stopped() -> int:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            ack = await pusher.push([change(f"r{n % 5}", stamp(node="pusher"), n=n)])
+            assert ack["type"] == "ack", ack
+        return n
+
+    pushing = asyncio.create_task(push_until_stopped())
+    try:
+        for i in range(40):
+            # connect() reads the first message and requires it to be the welcome.
+            d = await connect(shared_hub, user, f"late{i % 3}")
+            await d.expect("change")  # and the user's events do come, after it
+            await d.close()
+    finally:
+        stop.set()
+        pushed = await asyncio.wait_for(pushing, 10)
+    assert pushed > 40
+    await pusher.close()
+
+
 async def test_http_push_reaches_websocket_devices(shared_hub, user):
     d = await connect(shared_hub, user, "phone")
     notify = await connect(shared_hub, user, "watch", query="&mode=notify")
