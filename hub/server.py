@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,15 @@ class HeartbeatProtocol(WebSocketsSansIOProtocol):
     def abort(self) -> None:
         """Drop the connection now, without a closing handshake: for a peer that
         does not read, whose close frame would never go out."""
-        if not self.transport.is_closing():
-            self.transport.abort()
+        if self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: the kernel resets the connection and frees its buffers now,
+            # instead of keeping the unsent bytes for a peer that never reads.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def write_frame(self, frame: bytes) -> bool:
         """Write a whole pre-built text frame now if the socket takes it.

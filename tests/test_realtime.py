@@ -4,7 +4,10 @@ real WebSocket clients."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -295,6 +298,51 @@ async def test_a_connection_that_stops_reading_is_closed_with_1013(hub_factory):
     ack = await pusher.push([change("after", stamp(), x=1)])
     assert (await fast.expect("change"))["version"] == ack["version"]
     await fast.close()
+    await pusher.close()
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of a socket (linux/tcp.h: 1 established, 7 closed)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="needs TCP_INFO (Linux)")
+async def test_a_device_that_never_reads_again_is_dropped_not_kept(hub_factory):
+    """Its 1013 close frame can never be written: the hub drops the connection
+    instead of holding its socket and buffers for good."""
+    hub = hub_factory({"HUB_SEND_QUEUE_SIZE": "8", "HUB_RATE_MESSAGES_PER_S": "10000"})
+    user = new_user()
+    host, port = hub.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(secrets.token_bytes(16)).decode()
+    sock.sendall(
+        (
+            f"GET /v1/ws?device=stalled HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token_for(user)}\r\n\r\n"
+        ).encode()
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"  # and from now on it reads nothing
+    pusher = await connect(hub, user, "pusher")
+    value = "v" * 50_000
+
+    async def connections() -> int:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return int((await client.get(f"{hub.url}/health")).json()["connections"])
+
+    for i in range(400):
+        ack = await pusher.push([change(f"r{i}", stamp(), blob=value)])
+        assert ack["type"] == "ack", ack
+        if i % 10 == 0 and await connections() == 1:
+            break
+    assert await connections() == 1, "the stalled device was never let go"
+    assert _tcp_state(sock) == 1  # still open: the close frame is stuck behind the events
+    await wait_for(lambda: _tcp_state(sock) == 7, timeout=20, interval=0.2)
+    sock.close()
     await pusher.close()
 
 
