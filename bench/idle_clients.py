@@ -10,7 +10,10 @@ answers the server's pings). Used by two workloads:
 - ``w6`` (:mod:`bench.slow`) with ``stall``: a device that authenticates,
   gets its ``welcome`` and then stops reading from its socket (reading is
   paused and its receive buffer made small), as a client on a stuck network
-  would. ``resume`` reads again and reports how the connection ended.
+  would. It reports its local port (so the server's side of its connection
+  can be found), and its TCP state is read every 50 ms: a reset or a FIN from
+  the server would show there even while it does not read. ``resume`` reads
+  again and reports how the connection ended.
 
 Protocol (:mod:`bench.worker`): the configuration line, then the commands
 ``connect``, ``check``, ``resume``, ``close``, ``quit``, each answered with
@@ -35,6 +38,9 @@ from .worker import cpu_s, say, stdin_lines
 __all__ = ["main"]
 
 STALLED_RCVBUF_BYTES = 4096
+TCP_STATE_STEP_S = 0.05
+TCP_ESTABLISHED = 1  # the first byte of Linux's struct tcp_info, tcpi_state
+TCP_STATES = {1: "established", 7: "closed (reset)", 8: "close-wait (FIN received)"}
 
 
 @dataclass(eq=False)
@@ -49,6 +55,9 @@ class Idle:
     bytes: int = 0
     unexpected: int = 0
     closed: asyncio.Future[int | None] | None = None
+    left_established_at: float | None = None  # time.monotonic(), system-wide on Linux
+    tcp_state: int = TCP_ESTABLISHED
+    local_port: int = 0
 
 
 class IdleClients:
@@ -62,6 +71,7 @@ class IdleClients:
             Idle(user, f"{prefix}{d}") for user in config["users"] for d in range(config["devices"])
         ]
         self._tokens: dict[str, dict[str, str]] = {}
+        self._watches: dict[Idle, asyncio.Task[None]] = {}
 
     def _headers(self, user: str) -> dict[str, str]:
         found = self._tokens.get(user)
@@ -89,7 +99,24 @@ class IdleClients:
         sock = raw.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RCVBUF_BYTES)
+            idle.local_port = sock.getsockname()[1]
+            if idle not in self._watches:
+                loop = asyncio.get_running_loop()
+                self._watches[idle] = loop.create_task(self._watch_tcp(idle, sock))
         raw.pause_reading()
+
+    async def _watch_tcp(self, idle: Idle, sock: Any) -> None:
+        """Note when the connection leaves ESTABLISHED: the server reset or closed it."""
+        while True:
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+            except OSError:
+                state = 0  # the socket is gone: it ended
+            if state != TCP_ESTABLISHED:
+                idle.left_established_at = time.monotonic()
+                idle.tcp_state = state
+                return
+            await asyncio.sleep(TCP_STATE_STEP_S)
 
     def _on_closed(self, idle: Idle, code: int | None) -> None:
         if idle.closed is not None and not idle.closed.done():
@@ -150,10 +177,18 @@ class IdleClients:
             "closed": len(closed),
             "close_codes": sorted({c for i in closed if (c := i.closed.result()) is not None}),  # type: ignore[union-attr]
             "unexpected_messages": sum(i.unexpected for i in self.idle),
+            "local_ports": [i.local_port for i in self.idle],
+            "left_established_at": [i.left_established_at for i in self.idle],
+            "tcp_states": [TCP_STATES.get(i.tcp_state, str(i.tcp_state)) for i in self.idle],
         }
 
     async def resume(self, timeout: float) -> dict[str, Any]:
-        """Read again; wait (bounded) until the server ends each connection."""
+        """Read again; wait (bounded) until the server ends each connection.
+
+        The TCP states reported are those from before reading again (the
+        client's own reads and close would change them).
+        """
+        self._stop_watches()
         for idle in self.idle:
             transport = getattr(idle.conn, "transport", None)
             if transport is not None and not transport.is_disconnected:
@@ -168,7 +203,12 @@ class IdleClients:
         result["bytes"] = sum(i.bytes for i in self.idle)
         return result
 
+    def _stop_watches(self) -> None:
+        for task in self._watches.values():
+            task.cancel()
+
     def close(self) -> None:
+        self._stop_watches()
         for idle in self.idle:
             if idle.conn is not None:
                 idle.conn.close()
