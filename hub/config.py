@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,8 +200,8 @@ class Settings:
         default="info", metadata={"cast": _log_level, "help": "debug, info, warning, error"}
     )
 
-    @property
-    def limits(self) -> Limits:
+    @functools.cached_property
+    def limits(self) -> Limits:  # read for every push: made once
         return Limits(
             max_changes_per_push=self.max_changes_per_push,
             max_value_bytes=self.max_value_bytes,
