@@ -207,20 +207,35 @@ def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
             "an upsert needs an object with at least one field", index=index, field="fields"
         )
     writes = []
+    max_value = limits.max_value_bytes
+    # The checks of each field, in the order the errors are reported; the usual
+    # case is tested inline and any doubt goes to the function that says why.
     for name, spec in fields.items():
-        where = f"fields.{name}"
         if not FIELD_NAMES.valid(name):
             raise InvalidChange(
                 "a field name is 1..64 characters of [A-Za-z0-9_.-], not starting with '_'",
                 index=index,
-                field=where[:80],
+                field=f"fields.{name}"[:80],
             )
-        if not isinstance(spec, dict) or "value" not in spec or "hlc" not in spec:
-            raise InvalidChange('must be {"value": ..., "hlc": "..."}', index=index, field=where)
-        if len(spec) != 2:
+        if type(spec) is not dict or len(spec) != 2 or "value" not in spec or "hlc" not in spec:
+            where = f"fields.{name}"
+            if not isinstance(spec, dict) or "value" not in spec or "hlc" not in spec:
+                raise InvalidChange(
+                    'must be {"value": ..., "hlc": "..."}', index=index, field=where
+                )
             raise InvalidChange("only 'value' and 'hlc' are allowed", index=index, field=where)
-        value = _encode_value(spec["value"], limits.max_value_bytes, where, index)
-        stamp = _stamp(spec["hlc"], index, where + ".hlc", now_ms, drift)
+        encoded = _dumps_value(spec["value"])
+        if len(encoded) > max_value or b"\\u0000" in encoded:
+            value = _encode_value(spec["value"], max_value, f"fields.{name}", index)
+        else:
+            value = encoded.decode()
+        stamp = spec["hlc"]
+        if (
+            type(stamp) is not str
+            or hlc.STAMP_RE.fullmatch(stamp) is None
+            or hlc.ahead_ms(stamp, now_ms) > drift
+        ):
+            stamp = _stamp(stamp, index, f"fields.{name}.hlc", now_ms, drift)
         writes.append(FieldWrite(name, value, stamp))
     return Change(collection, record_id, "upsert", tuple(writes), None, origin, actor)
 

