@@ -48,7 +48,7 @@ from .errors import (
 )
 from .merge import FieldState, RecordState, apply_delete, apply_upsert
 from .protocol import PullQuery
-from .types import ApiKeyRecord, Cursor, Delta, PullPage, Push, PushResult
+from .types import ApiKeyRecord, Cursor, Delta, FieldWrite, PullPage, Push, PushResult
 
 __all__ = ["PostgresStore", "read_schema"]
 
@@ -708,14 +708,16 @@ def _merge(
                 deletes.add(key[1:])
                 plan.records[key] = (change.hlc, version, push.device, change.origin, change.actor)
             continue
-        names = apply_upsert(record, ((f.name, f.value, f.hlc) for f in change.fields))
+        names = apply_upsert(record, change.fields)  # FieldWrite is (name, value, hlc)
         if names:
             applied += 1
-            by_name = {f.name: f for f in change.fields}
             written.setdefault(key[1:], []).extend(names)
-            for name in names:
-                f = by_name[name]
-                plan.fields[(*key, name)] = (
+            changed: Sequence[FieldWrite] = change.fields
+            if len(names) < len(changed):
+                kept = set(names)
+                changed = [f for f in changed if f.name in kept]
+            for f in changed:
+                plan.fields[(*key, f.name)] = (
                     f.value,
                     f.hlc,
                     version,
@@ -728,7 +730,7 @@ def _merge(
     if applied:
         versions[user] = version
         plan.versions[user] = version
-        big = _event_estimate(push) > event_bytes
+        big = _event_too_big(push, event_bytes)
         result = PushResult(
             version,
             applied,
@@ -746,13 +748,18 @@ def _merge(
     return result
 
 
-def _event_estimate(push: Push) -> int:
-    """About the size of a push's change event, cheaply (no encoding)."""
+def _event_too_big(push: Push, limit: int) -> bool:
+    """Whether a push's change event would pass ``limit`` bytes, estimated
+    cheaply (no encoding; it stops counting once past the limit)."""
     size = 160 * len(push.changes)
+    if size > limit:
+        return True
     for change in push.changes:
         for f in change.fields:
             size += len(f.value) + len(f.name) + 60
-    return size
+        if size > limit:
+            return True
+    return False
 
 
 def _push_deltas(
