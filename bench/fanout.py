@@ -38,19 +38,14 @@ import contextlib
 import datetime as dt
 import math
 import os
-import queue
 import secrets
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvloop
 
 from . import machine
@@ -59,7 +54,6 @@ from .database import Database, analyze, bench_database
 from .loadgen import LoadgenConfig
 from .report import Report
 from .servers import (
-    REPO,
     Redis,
     ServerProcess,
     bench_redis,
@@ -73,6 +67,7 @@ from .servers import (
 )
 from .stats import median, summarize_ns
 from .targets import Kind, Target
+from .worker import WorkerError, WorkerProcess
 
 __all__ = [
     "FanoutConfig",
@@ -168,77 +163,12 @@ def _config(args: argparse.Namespace) -> FanoutConfig:
 # -- the load generator process, seen from here --------------------------------
 
 
-class LoadgenError(RuntimeError):
-    """The load generator reported a failure (for example, connections refused)."""
-
-
-class LoadgenProcess:
-    """``python -m bench.loadgen``: configured on stdin, answers one JSON line per command."""
+class LoadgenProcess(WorkerProcess):
+    """``python -m bench.loadgen``: configured on stdin, answers one JSON line per command
+    (a :class:`~bench.worker.WorkerProcess`; a reported failure raises ``WorkerError``)."""
 
     def __init__(self, config: LoadgenConfig, log_path: Path) -> None:
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            cwd=str(REPO),
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._pump = threading.Thread(target=self._read, name="loadgen-out", daemon=True)
-        self._pump.start()
-        self._write(config.as_json())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _write(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(orjson.dumps(message).decode() + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        """The next message, which must be ``event``; fails on timeout or exit."""
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"the load generator did not answer within {timeout:.0f}s") from None
-        if line is None:
-            self.proc.wait(5)
-            raise RuntimeError(
-                f"the load generator exited ({self.proc.returncode}); its log:\n"
-                + self.log_path.read_text(errors="replace")[-3000:]
-            )
-        message: dict[str, Any] = orjson.loads(line)
-        if message.get("event") == "error":
-            raise LoadgenError(message.get("message", "unknown error"))
-        if message.get("event") != event:
-            raise RuntimeError(f"the load generator said {message}, expected {event!r}")
-        return message
-
-    def command(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        self._write(message)
-        return self.expect("result", timeout)
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self._write({"cmd": "quit"})
-                self.proc.wait(10)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait(5)
-        self._pump.join(5)
-        self._log.close()
+        super().__init__("bench.loadgen", config.as_json(), log_path)
 
 
 class LoadgenShards:
@@ -273,7 +203,7 @@ class LoadgenShards:
         if message.get("cmd") == "open":
             message = {**message, "rate": message["rate"] / n}
         for p in self.parts:
-            p._write(message)
+            p.send(message)
         answers = [p.expect("result", timeout) for p in self.parts]
         if message.get("cmd") == "check":
             return _merge_checks(answers)
@@ -433,7 +363,7 @@ def _run_target(
     try:
         try:
             ready = loadgen.expect("ready", loadgen_config.connect_timeout_s + 15)
-        except LoadgenError as exc:
+        except WorkerError as exc:
             logs = "\n".join(
                 f"the end of {s.name}'s log ({s.log_path}):\n{s.log_tail(1500)}" for s in servers
             )

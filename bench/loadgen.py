@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from hub.hlc import Clock
 
 from .stats import summarize_ns
 from .targets import Target, push_message, sequence_of
+from .worker import cpu_s, say, stdin_lines
 
 __all__ = ["LoadgenConfig", "main"]
 
@@ -566,34 +566,17 @@ class Loadgen:
 # -- the process ----------------------------------------------------------------
 
 
-def _say(event: dict[str, Any]) -> None:
-    sys.stdout.write(orjson.dumps(event).decode() + "\n")
-    sys.stdout.flush()
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-async def _stdin_lines() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
 async def _serve() -> None:
-    stdin = await _stdin_lines()
+    stdin = await stdin_lines()
     config = LoadgenConfig.from_json(orjson.loads(await stdin.readline()))
     gen = Loadgen(config)
     try:
         try:
             connect_s = await gen.connect()
         except Exception as exc:  # reported to the orchestrator, which shows the server's log
-            _say({"event": "error", "message": f"connecting failed: {type(exc).__name__}: {exc}"})
+            say({"event": "error", "message": f"connecting failed: {type(exc).__name__}: {exc}"})
             return
-        _say(
+        say(
             {
                 "event": "ready",
                 "client": gen.client,
@@ -607,21 +590,21 @@ async def _serve() -> None:
                 return
             command = orjson.loads(line)
             cmd = command["cmd"]
-            cpu0, t0 = _cpu_s(), time.perf_counter()
+            cpu0, t0 = cpu_s(), time.perf_counter()
             if cmd == "closed":
                 result = await gen.closed(float(command["seconds"]))
             elif cmd == "open":
                 result = await gen.open(float(command["rate"]), float(command["seconds"]))
             elif cmd == "check":
-                _say({"event": "result", "cmd": cmd, **gen.check()})
+                say({"event": "result", "cmd": cmd, **gen.check()})
                 continue
             elif cmd == "quit":
-                _say({"event": "bye"})
+                say({"event": "bye"})
                 return
             else:
                 raise ValueError(f"unknown command {cmd!r}")
-            cores = (_cpu_s() - cpu0) / (time.perf_counter() - t0)
-            _say({"event": "result", "cmd": cmd, "loadgen_cores_self": cores, **result})
+            cores = (cpu_s() - cpu0) / (time.perf_counter() - t0)
+            say({"event": "result", "cmd": cmd, "loadgen_cores_self": cores, **result})
     finally:
         gen.close()
         await asyncio.sleep(0.2)  # let the close frames go out
