@@ -828,6 +828,7 @@ export class HubClient extends EventTarget {
   }
 
   async _pullToEnd() {
+    let reset = false;
     for (;;) {
       const since = await transact(this.db, [META], "readonly", (tx) =>
         req(tx.objectStore(META).get("cursor")),
@@ -838,6 +839,7 @@ export class HubClient extends EventTarget {
       } catch (err) {
         if (err.code === "reset_required") {
           await this._startReset();
+          reset = true;
           continue;
         }
         throw err;
@@ -846,6 +848,11 @@ export class HubClient extends EventTarget {
       if (!page.has_more) {
         this.version = Math.max(this.version ?? 0, page.version);
         this._drain();
+        // The reset's first page replaced the replica with the hub's state and
+        // what the outbox held then. A push acked before that page was applied
+        // had already left the outbox, and the page may have been read before
+        // its commit: one more pull from the new cursor brings it back.
+        if (reset) this._pullAgain = true;
         return;
       }
     }
