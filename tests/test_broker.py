@@ -166,3 +166,50 @@ async def test_redis_broker_reports_an_outage_and_never_raises_on_publish():
 async def _ok_probe(broker: RedisBroker):
     report = await broker.probe(0.5)
     return report if report["ok"] else None
+
+
+@pytest.fixture
+async def redis_user(redis_url) -> AsyncIterator[tuple[str, str, str]]:
+    """A Redis ACL user with a password: (url with its credentials, name, password)."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    name, password = f"hub-test-{secrets.token_hex(4)}", secrets.token_hex(8)
+    admin = redis.Redis.from_url(redis_url)
+    await admin.execute_command("ACL", "SETUSER", name, "on", f">{password}", "~*", "&*", "+@all")
+    parts = urlsplit(redis_url)
+    netloc = f"{name}:{password}@{parts.hostname}:{parts.port}"
+    try:
+        yield urlunsplit(parts._replace(netloc=netloc)), name, password
+    finally:
+        await admin.execute_command("ACL", "DELUSER", name)
+        await admin.aclose()
+
+
+async def test_redis_broker_authenticates_with_the_urls_user_and_password(redis_user):
+    url, _, _ = redis_user
+    publisher, subscriber = RedisBroker(url), RedisBroker(url)
+    await publisher.start()
+    await subscriber.start()
+    try:
+        await wait_for(lambda: publisher.connected and subscriber.connected)
+        user, inbox = new_user(), Inbox()
+        await subscribed(subscriber, user, inbox)
+        publisher.publish(user, b"authenticated")
+        assert await inbox.next() == b"authenticated"
+    finally:
+        await publisher.close()
+        await subscriber.close()
+
+
+async def test_redis_broker_with_a_wrong_password_stays_down_and_never_raises(redis_user):
+    url, name, password = redis_user
+    broker = RedisBroker(url.replace(f":{password}@", ":wrong@"))
+    await broker.start()
+    try:
+        await wait_for(lambda: broker.reconnects >= 2)  # refused, and tried again
+        assert not broker.connected
+        broker.publish(new_user(), b"kept or dropped, never raised")
+        assert (await broker.probe(0.5))["ok"] is False
+    finally:
+        await broker.close()
