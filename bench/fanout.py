@@ -82,6 +82,15 @@ __all__ = [
 ]
 
 LOADGEN_MAX_CORES = 0.8
+# Counts of the load generator's check that make a run invalid when not zero.
+CHECK_FAILURES = (
+    "lost",
+    "duplicates",
+    "diverged_replicas",
+    "acks_missing",
+    "ack_mismatches",
+    "errors",
+)
 WARMUP_S = 1.0  # a closed-loop phase before the measured ones, not counted
 OTHER_LOAD_WARN_CORES = 0.2
 JWT_SECRET = "bench-secret-" + "y" * 40
@@ -434,14 +443,7 @@ def _judge(outcome: TargetOutcome) -> None:
                     f"{where}: other processes used {run.cpu.other_cores:.2f} cores meanwhile"
                 )
     check = outcome.check
-    for key in (
-        "lost",
-        "duplicates",
-        "diverged_replicas",
-        "acks_missing",
-        "ack_mismatches",
-        "errors",
-    ):
+    for key in CHECK_FAILURES:
         if check.get(key):
             outcome.problems.append(f"INVALID {name}: {check[key]} {key.replace('_', ' ')}")
     if check.get("prev_gaps"):

@@ -88,7 +88,7 @@ import uvloop
 from . import machine
 from .cpu import CpuMeter, Group, postgres_group
 from .database import analyze, bench_database
-from .fanout import LOADGEN_MAX_CORES, LoadgenProcess
+from .fanout import CHECK_FAILURES, LOADGEN_MAX_CORES, LoadgenProcess
 from .loadgen import Loadgen, LoadgenConfig, User
 from .report import Report
 from .servers import ServerProcess, start_hub
@@ -636,15 +636,7 @@ def _report(
         }
     )
     for who, check in checks.items():
-        for key in (
-            "lost",
-            "duplicates",
-            "diverged_replicas",
-            "acks_missing",
-            "ack_mismatches",
-            "errors",
-            "closed_connections",
-        ):
+        for key in (*CHECK_FAILURES, "closed_connections"):
             if check.get(key):
                 report.invalid(f"{who}: {check[key]} {key.replace('_', ' ')}")
     for i, r in enumerate(runs):
