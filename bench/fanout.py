@@ -488,6 +488,23 @@ def _add_metrics(report: Report, outcome: TargetOutcome, cfg: FanoutConfig) -> N
         [r.server_cpu_s / r.cpu.wall_s for r in outcome.closed],
         "CPU of the same processes, in cores (1.0 = one core busy all the time)",
     )
+    groups = outcome.closed[0].server_groups if outcome.closed else ()
+    if len(groups) > 1:  # where the server CPU goes: its own process(es), PostgreSQL, Redis
+        for group in groups:
+            report.add(
+                f"{n}: {SERVER_GROUP_NAMES.get(group, group)} CPU-seconds per 1k deliveries "
+                "(saturation)",
+                "cpu-s",
+                [
+                    1000 * r.cpu.total(group) / r.result["deliveries"]
+                    if r.result["deliveries"]
+                    else math.nan
+                    for r in outcome.closed
+                ],
+                "the server CPU-seconds per 1k deliveries above, split by process group"
+                if group == groups[0]
+                else "",
+            )
     for label, q in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")):
         report.add(
             f"{n}: half load latency {label}",
@@ -530,6 +547,9 @@ def _add_metrics(report: Report, outcome: TargetOutcome, cfg: FanoutConfig) -> N
             "cores",
             [max(r.loadgen_cores_total for r in outcome.closed + outcome.open)],
         )
+
+
+SERVER_GROUP_NAMES = {"server": "server process(es)", "postgres": "PostgreSQL", "redis": "Redis"}
 
 
 def _slug(name: str) -> str:
