@@ -258,6 +258,8 @@ class Session:
             log.exception("connection failed", extra={"connection": self.id})
             self.close_soon(WS_1011_INTERNAL_ERROR, "internal error")
         finally:
+            if self._frames is not None:
+                self._frames.on_message = None
             hub.coordinators.detach(self)
             hub.presence.release(self.user, member)
             for timer in self._timers:
@@ -322,10 +324,25 @@ class Session:
 
     async def _read_loop(self) -> None:
         while True:
+            frames = self._frames
+            if frames is not None and frames.queue.empty():
+                # Nothing left in the ASGI queue: from now on messages come
+                # straight from the protocol, in order, and the queue brings
+                # only the disconnect.
+                frames.on_message = self._on_message
             message = await self._receive()
             if message["type"] == "websocket.disconnect":
                 return
             self._handle(_payload(message))
+
+    def _on_message(self, raw: str | bytes) -> None:
+        """A message handed over by the protocol: as :meth:`_read_loop` would
+        handle it, and a failure ends this connection, not the protocol's reading."""
+        try:
+            self._handle(raw)
+        except Exception:
+            log.exception("connection failed", extra={"connection": self.id})
+            self.close_soon(WS_1011_INTERNAL_ERROR, "internal error")
 
     def _handle(self, raw: str | bytes) -> None:
         mid: str | None = None

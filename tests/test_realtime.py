@@ -197,6 +197,31 @@ async def test_first_message_auth_and_token_refresh(shared_hub, user):
         await d.expect("pong")
 
 
+async def test_messages_sent_right_behind_the_auth_are_answered_in_order(shared_hub, user):
+    """Pushes sent without waiting, right behind a first-message auth: some wait
+    in the server while the connection is set up, the rest arrive after it; all
+    are answered, in the order sent, with versions in that order."""
+    async with ws_connect(shared_hub.ws_url, open_timeout=10) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "token": token_for(user), "device": "web"}))
+        ids = [f"burst-{i}" for i in range(40)]
+        for i, mid in enumerate(ids):
+            push = {"type": "push", "id": mid, "changes": [change(f"t{i}", stamp(), n=i)]}
+            await ws.send(orjson.dumps(push).decode())
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome"
+        acks = [orjson.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in ids]
+        assert [a["id"] for a in acks] == ids
+        assert [a["version"] for a in acks] == list(range(1, len(ids) + 1))
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_with_1007(shared_hub, user):
+    d = await connect(shared_hub, user, "d1")
+    await d.send({"type": "ping"})
+    await d.expect("pong")
+    await d.ws.send(b'{"type": "ping", "x": "\xff"}', text=True)
+    assert await closed_with(d) == 1007
+
+
 @pytest.mark.parametrize(
     "first_message",
     [
