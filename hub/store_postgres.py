@@ -64,6 +64,13 @@ RECEIPT_TTL = "24 hours"
 # the next ANALYZE: measured on a fresh database, batches read the whole
 # receipts table each time. With these off, cached plans are index lookups.
 PLANNER_SETTINGS = {"enable_seqscan": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
+# asyncpg closes and reopens a pooled connection after 50,000 statements by
+# default. The committer's connection runs five per batch, so under load it was
+# replaced every half minute or so, and the batches waiting meanwhile were late
+# by a reconnect and by preparing every statement again (w6 saw deliveries late
+# by up to 25 ms when it happened). The hub's sessions hold no state that could
+# grow: keep them. A broken connection is still replaced.
+NEVER_RECYCLE = 2**62
 DEVICE_SEEN_S = 60.0  # last_seen is kept to about this precision
 SEEN_DEVICES_MAX = 100_000
 
@@ -407,6 +414,7 @@ class PostgresStore:
             command_timeout=timeout,
             server_settings={"application_name": "hub", **PLANNER_SETTINGS},
             reset=_keep_session,
+            max_queries=NEVER_RECYCLE,
         )
         try:
             async with pool.acquire() as con:

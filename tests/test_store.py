@@ -364,3 +364,18 @@ async def test_cached_plans_look_rows_up_by_index_even_on_an_empty_database(data
                 assert "Hash Join" not in plan, plan
     finally:
         await store.close()
+
+
+async def test_a_busy_connection_is_kept_past_50000_statements(store):
+    """The pool does not replace a connection after a number of statements
+    (asyncpg's default is 50,000): the committer's connection runs five per
+    batch, so under load it was closed and opened again every half minute or
+    so, and the batches waiting meanwhile were late by a reconnect and a
+    fresh set of prepared statements."""
+    async with store.pool.acquire() as con:
+        pid = await con.fetchval("SELECT pg_backend_pid()")
+        for _ in range(50_000):
+            await con.fetchval("SELECT 1")
+    await store.ping()  # the connection goes back to the pool and comes out again
+    async with store.pool.acquire() as con:
+        assert await con.fetchval("SELECT pg_backend_pid()") == pid
