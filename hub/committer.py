@@ -94,13 +94,14 @@ class Committer:
                 await self._wakeup.wait()
                 continue
             batch = self._take_batch()
+            began = time.perf_counter()
             try:
                 results = await self.store.commit([push for push, _, _ in batch])
             except Exception:  # the store answers per push; this is a bug, keep serving
                 log.exception("commit of a batch of %d pushes failed", len(batch))
                 results = [HubError("the push could not be stored") for _ in batch]
             if self.metrics is not None:
-                self._observe(batch, results)
+                self._observe(batch, results, began)
             for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -109,10 +110,13 @@ class Committer:
                 else:
                     future.set_result(result)
 
-    def _observe(self, batch: list[Queued], results: list[PushResult | HubError]) -> None:
+    def _observe(
+        self, batch: list[Queued], results: list[PushResult | HubError], began: float
+    ) -> None:
         metrics = self.metrics
         assert metrics is not None
         now = time.perf_counter()
+        metrics.commit_seconds.observe(now - began)
         metrics.batch_pushes.observe(len(batch))
         applied = ignored = 0
         kinds: Counter[str] = Counter()

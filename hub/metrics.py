@@ -61,6 +61,12 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
+        self.commit_seconds = Histogram(
+            "hub_commit_seconds",
+            "Time of one batch's database transaction (push_seconds less this: queueing)",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.batch_pushes = Histogram(
             "hub_commit_batch_pushes",
             "Pushes per database transaction",

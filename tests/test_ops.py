@@ -145,6 +145,7 @@ async def test_metrics_move_when_pushes_happen(shared_hub):
         ("hub_pulls_total", {"result": "reset_required"}, 1),
         ("hub_push_seconds_count", {}, 4),
         ("hub_commit_batch_pushes_count", {}, 1),
+        ("hub_commit_seconds_count", {}, 1),
     ):
         grew = metric(after, name, **labels) - metric(before, name, **labels)
         assert grew >= at_least, (name, labels, grew)
