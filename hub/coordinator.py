@@ -256,8 +256,8 @@ class Coordinators:
             return
         changes, notices = counts
         if changes:
-            metrics.deliveries.labels("change").inc(changes)
+            metrics.change_deliveries.inc(changes)
         if notices:
-            metrics.deliveries.labels("sync_available").inc(notices)
+            metrics.notice_deliveries.inc(notices)
         if changes or notices:
             metrics.delivery_seconds.observe(max(0.0, time.time() - event.committed_at))

@@ -82,6 +82,9 @@ class Metrics:
             ["type"],
             registry=r,
         )
+        # The children counted on every event, looked up once.
+        self.change_deliveries = self.deliveries.labels("change")
+        self.notice_deliveries = self.deliveries.labels("sync_available")
         self.delivery_seconds = Histogram(
             "hub_delivery_seconds",
             "From a push's commit to its event being handed to a connection of this process",

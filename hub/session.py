@@ -412,11 +412,8 @@ class Session:
         if error is not None:
             self.deliver(protocol.error_message("internal", "internal error", mid))
             return
-        result = future.result()
-        ack: dict[str, Any] = {"type": "ack", "id": mid, **result.body()}
-        if result.replay:
-            ack["replay"] = True
-        self.deliver(orjson.dumps(ack).decode())
+        r = future.result()
+        self.deliver(protocol.ack_message(mid, r.version, r.applied, r.ignored, r.replay))
 
     async def _pull(self, message: dict[str, Any], mid: str | None) -> None:
         try:

@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from hub.errors import BadRequest, ClockSkew, HubError, InvalidChange, PayloadTooLarge
 from hub.protocol import (
     Limits,
+    ack_message,
     decode_cursor,
     encode_cursor,
     parse_changes,
@@ -687,3 +689,16 @@ def test_bad_pull_collection_is_bad_request(collection: Any) -> None:
 def test_bad_pull_cursor_is_bad_request() -> None:
     with pytest.raises(BadRequest, match="malformed cursor"):
         parse_pull_query({"since": "x"}, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "mid", ["m-1", 'quote"back\\slash', "ünïcödé ✓", "tab\tnew\nline\x01", "x" * 64]
+)
+@pytest.mark.parametrize("replay", [False, True])
+def test_ack_text_is_the_json_of_the_ack_object(mid, replay):
+    ack = {"type": "ack", "id": mid, "version": 12, "applied": 3, "ignored": 1}
+    if replay:
+        ack["replay"] = True
+    text = ack_message(mid, 12, 3, 1, replay)
+    assert text == orjson.dumps(ack).decode()
+    assert orjson.loads(text) == ack
