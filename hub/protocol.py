@@ -13,9 +13,11 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, TypeGuard
 
 import orjson
@@ -40,12 +42,35 @@ __all__ = [
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEVICE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 DIGITS_RE = re.compile(r"[0-9]{1,18}")
+MAX_CURSOR_VERSION = 10**18 - 1  # the largest that DIGITS_RE lets a cursor's text hold
 # A byte map that turns every digit into "1" and everything else into " ":
 # a run of 20 digits in a document is then a plain substring search.
 DIGITS_ONLY = bytes.maketrans(
     bytes(range(256)), bytes(0x31 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 )
 LONG_DIGITS = b"1" * 20
+# For exact numbers, digits and the decimal point become "1", exponent marks
+# "e", signs "-": a run of 16 is a number (or a string) that may have more
+# significant digits than a double keeps, and "e-111" one that may be too
+# small for a double (1e-400 would read as 0.0).
+NUMBER_CHARS = bytes.maketrans(
+    bytes(range(256)),
+    bytes(
+        0x31
+        if 0x30 <= b <= 0x39 or b == 0x2E
+        else 0x65
+        if b in b"eE"
+        else 0x2D
+        if b in b"-+"
+        else 0x20
+        for b in range(256)
+    ),
+)
+LONG_NUMBER = b"1" * 16
+TINY_NUMBER = b"e-111"
+INT_RANGE = range(-(2**63), 2**64)  # the integers orjson reads and writes as they are
+EXPONENT_RE = re.compile(rb"[0-9][eE][-+]?[0-9]")
+MAX_VALUE_DEPTH = 128  # arrays and objects inside each other, in one value
 ORIGINS = frozenset({"user", "agent", "system", "migration"})
 CHANGE_KEYS = frozenset({"collection", "id", "op", "fields", "hlc", "actor", "origin"})
 MAX_ID_CHARS = 128
@@ -69,12 +94,16 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | str, *, exact: bool = False) -> Any:
     """Decode JSON; malformed input is a ``bad_request`` that says where.
 
     orjson reads integers beyond 64 bits as floats, which would change a value
     the hub must keep as it is; a document that may hold one (a run of 20
     digits) is decoded again with the standard library, which keeps them.
+    With ``exact`` (what clients push), numbers that a double may not hold
+    exactly (16 digits or more, or an exponent below -99) are kept too, as
+    :class:`~decimal.Decimal`, and written back by :func:`_dumps_value`
+    exactly as they came.
     """
     try:
         doc = orjson.loads(data)
@@ -82,20 +111,99 @@ def loads(data: bytes | str) -> Any:
         raise BadRequest(f"malformed JSON: {exc}") from None
     raw = data.encode() if isinstance(data, str) else data
     # (A regular expression search took 14 times as long on a 1000-change push.)
-    if LONG_DIGITS in raw.translate(DIGITS_ONLY):
-        doc = json.loads(raw, parse_constant=_no_constant)
+    try:
+        if exact and _may_round(raw.translate(NUMBER_CHARS)):
+            doc = json.loads(
+                raw, parse_float=Decimal, parse_int=_exact_int, parse_constant=_no_constant
+            )
+        elif not exact and LONG_DIGITS in raw.translate(DIGITS_ONLY):
+            doc = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
     return doc
+
+
+def _may_round(shape: bytes) -> bool:
+    return LONG_NUMBER in shape or TINY_NUMBER in shape
 
 
 def _no_constant(name: str) -> Any:
     raise BadRequest(f"malformed JSON: {name} is not a JSON value")
 
 
+def _exact_int(text: str) -> int | Decimal:
+    number = int(text)
+    return number if number in INT_RANGE else Decimal(text)
+
+
+def _exact_number(value: Any) -> Any:
+    # orjson's ``default``: a number it cannot write itself, written as it came.
+    if isinstance(value, Decimal) and value.is_finite():
+        return orjson.Fragment(str(value).encode())
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+class _TooDeep(ValueError):
+    pass
+
+
 def _dumps_value(value: Any) -> bytes:
     try:
-        return orjson.dumps(value)
-    except TypeError:  # an integer beyond 64 bits, kept exactly
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return orjson.dumps(value, default=_exact_number)
+    except TypeError:  # an integer beyond 64 bits, or nested past orjson's limit
+        if _depth(value) > MAX_VALUE_DEPTH:
+            raise _TooDeep from None
+        return orjson.dumps(_exact_ints(value), default=_exact_number)
+
+
+def _depth(value: Any) -> int:
+    """How many arrays and objects deep ``value`` is (without recursion: any depth)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def _exact_ints(value: Any) -> Any:
+    """``value`` with every integer beyond 64 bits as a :class:`Decimal` of it."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if value in INT_RANGE else Decimal(value)
+    if isinstance(value, list):
+        return [_exact_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _exact_ints(v) for k, v in value.items()}
+    return value
+
+
+def _written_out_excess(value: Any) -> int:
+    """How many bytes longer ``value`` gets once PostgreSQL writes each of its
+    numbers out in full (``jsonb`` keeps no exponents: ``1e308`` is 309 digits)."""
+    if isinstance(value, float) and math.isfinite(value) or isinstance(value, Decimal):
+        text = _dumps_value(value).decode()  # as the value's encoding has it
+        number = Decimal(text)
+        _, digits, exponent = number.as_tuple()
+        assert isinstance(exponent, int)
+        if exponent >= 0:  # digits then zeros
+            full = len(digits) + exponent
+        elif -exponent >= len(digits):  # "0." then zeros then digits
+            full = 2 + -exponent
+        else:  # a point among the digits
+            full = len(digits) + 1
+        return max(0, full + (1 if number.is_signed() else 0) - len(text))
+    if isinstance(value, list):
+        return sum(_written_out_excess(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_written_out_excess(v) for v in value.values())
+    return 0
 
 
 def valid_device(device: object) -> bool:
@@ -113,10 +221,29 @@ def _has_nul(value: Any) -> bool:
 
 
 def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
-    encoded = _dumps_value(value)
-    if len(encoded) > limit:
+    """A value's JSON text after every check of PROTOCOL.md; the slow path of
+    :func:`_change`, which tries the common case inline first."""
+    try:
+        encoded = _dumps_value(value)
+    except _TooDeep:
+        encoded = b""
+    if not encoded or (
+        encoded.count(b"[") + encoded.count(b"{") > MAX_VALUE_DEPTH
+        and _depth(value) > MAX_VALUE_DEPTH
+    ):
         raise InvalidChange(
-            f"encoded value is {len(encoded)} bytes, the limit is {limit}", index=index, field=what
+            f"nested more than {MAX_VALUE_DEPTH} arrays or objects deep", index=index, field=what
+        )
+    size = len(encoded)
+    if EXPONENT_RE.search(encoded) is not None:
+        size += _written_out_excess(value)
+    if size > limit:
+        raise InvalidChange(
+            f"encoded value is {size} bytes (numbers written out in full), the limit is {limit}"
+            if size > len(encoded)
+            else f"encoded value is {size} bytes, the limit is {limit}",
+            index=index,
+            field=what,
         )
     # PostgreSQL's jsonb cannot hold U+0000; orjson writes it as \u0000, so the
     # cheap byte search finds every candidate and the walk rules out look-alikes.
@@ -224,9 +351,19 @@ def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
                     'must be {"value": ..., "hlc": "..."}', index=index, field=where
                 )
             raise InvalidChange("only 'value' and 'hlc' are allowed", index=index, field=where)
-        encoded = _dumps_value(spec["value"])
-        if len(encoded) > max_value or b"\\u0000" in encoded:
-            value = _encode_value(spec["value"], max_value, f"fields.{name}", index)
+        value = spec["value"]
+        try:
+            encoded = _dumps_value(value)
+        except _TooDeep:
+            encoded = b""
+        if (
+            not encoded
+            or len(encoded) > max_value
+            or b"\\u0000" in encoded
+            or encoded.count(b"[") + encoded.count(b"{") > MAX_VALUE_DEPTH
+            or EXPONENT_RE.search(encoded) is not None
+        ):
+            value = _encode_value(value, max_value, f"fields.{name}", index)
         else:
             value = encoded.decode()
         stamp = spec["hlc"]
@@ -255,7 +392,7 @@ def parse_http_push(
     """Parse ``POST /v1/sync/push``: ``{"device": "...", "changes": [...]}``."""
     if len(body) > limits.max_http_body_bytes:
         raise PayloadTooLarge("request body size", len(body), limits.max_http_body_bytes)
-    doc = loads(body)
+    doc = loads(body, exact=True)
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object")
     device = doc.get("device")
@@ -286,7 +423,7 @@ def decode_cursor(text: str | int | None) -> Cursor:
     """Parse a cursor (``0``, absent or empty: the beginning); ``bad_request`` when malformed."""
     if text is None or text == "" or (isinstance(text, int) and text == 0):
         return Cursor(0)
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+    if isinstance(text, int) and not isinstance(text, bool) and 0 < text <= MAX_CURSOR_VERSION:
         return Cursor(text)
     if not isinstance(text, str):
         raise BadRequest("malformed cursor")
@@ -307,7 +444,10 @@ def decode_cursor(text: str | int | None) -> Cursor:
     if (
         not isinstance(decoded, list)
         or len(decoded) != 2
-        or not all(isinstance(part, str) for part in decoded)
+        or not COLLECTION_NAMES.valid(decoded[0])
+        or not isinstance(decoded[1], str)
+        or not 1 <= len(decoded[1]) <= MAX_ID_CHARS
+        or "\x00" in decoded[1]
     ):
         raise malformed
     return Cursor(int(version_text), decoded[0], decoded[1], horizon)
@@ -444,10 +584,11 @@ def message_id(message: dict[str, Any], required: bool) -> str | None:
 
 def push_digest(changes: Any) -> bytes:
     """What tells a replayed WebSocket push from a reused id: its changes, canonically."""
+    sort = orjson.OPT_SORT_KEYS
     try:
-        canonical = orjson.dumps(changes, option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(changes, option=sort, default=_exact_number)
     except TypeError:  # an integer beyond 64 bits
-        canonical = json.dumps(changes, sort_keys=True, separators=(",", ":")).encode()
+        canonical = orjson.dumps(_exact_ints(changes), option=sort, default=_exact_number)
     return hashlib.sha256(canonical).digest()
 
 

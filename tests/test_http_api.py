@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -581,17 +583,45 @@ async def test_values_round_trip(shared_hub, user):
         ]
 
 
-async def test_large_integer_value_round_trips_exactly(shared_hub, user):
-    big = "123456789012345678901234567890"
+@pytest.mark.parametrize(
+    "number",
+    [
+        "123456789012345678901234567890",
+        "-9223372036854775809",
+        "3.141592653589793238462643",
+        "0.1000000000000000055511151231257827",
+        "1e-400",
+    ],
+)
+async def test_numbers_round_trip_exactly(shared_hub, user, number):
     body = _body([upsert("t1", {"n": (0, stamp(1))})]).replace(
-        b'"value":0', b'"value":' + big.encode()
+        b'"value":0', b'"value":' + number.encode()
     )
     async with client(shared_hub, user) as http:
         r = await post_push(http, body)
         assert r.status_code == 200, r.text
         r = await http.get("/v1/sync/pull", params={"since": "0"})
         assert r.status_code == 200
-        assert f'"value":{big}' in r.text.replace(" ", "")
+        pulled = json.loads(r.text, parse_float=Decimal, parse_int=Decimal)
+        assert pulled["changes"][0]["fields"]["n"]["value"] == Decimal(number)
+
+
+@pytest.mark.parametrize(
+    ("value", "mentions"),
+    [
+        (b"[" * 1000 + b"1" + b"]" * 1000, "nested"),
+        (b"[" * 1000 + b"123456789012345678901234" + b"]" * 1000, "nested"),
+        (b"[" + b",".join([b"1e308"] * 250) + b"]", "written out in full"),
+    ],
+)
+async def test_values_past_the_limits_are_refused_not_failed(shared_hub, user, value, mentions):
+    # Deep nesting, or numbers that PostgreSQL would write out to over 64 KiB.
+    body = _body([upsert("t1", {"n": (0, stamp(1))})]).replace(b'"value":0', b'"value":' + value)
+    async with client(shared_hub, user) as http:
+        r = await post_push(http, body)
+        assert r.status_code == 400, r.text
+        assert mentions in r.json()["error"]["message"]
+        assert (await pull(http, since="0"))["changes"] == []
 
 
 # -- idempotency ----------------------------------------------------------
@@ -878,6 +908,8 @@ MALFORMED_CURSORS = [
         "\u00b2",
         id="superscript-two",
     ),
+    pytest.param(_cursor(1, b'["todos\\u0000","x"]'), id="nul-in-collection"),
+    pytest.param(_cursor(1, b'["todos","\\u0000"]'), id="nul-in-id"),
 ]
 
 
@@ -899,7 +931,10 @@ async def test_cursor_ahead_of_the_user_is_reset_required(shared_hub, user):
         assert (page["changes"], page["has_more"], page["version"]) == ([], False, 2)
         for since in ["3", "1000000", _cursor(3, orjson.dumps(["todos", "t1"]))]:
             r = await http.get("/v1/sync/pull", params={"since": since})
-            error_of(r, 410, "reset_required")
+            error = error_of(r, 410, "reset_required")
+            # Says what happened: not the retention horizon, the server is behind.
+            assert "ahead of the user's version (2)" in error["message"]
+            assert error["details"] == {"version": 2}
 
 
 async def test_pull_by_collection(shared_hub, user):

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import re
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -265,6 +266,84 @@ def test_values_within_the_limits_are_accepted(value: Any) -> None:
     (_, change) = parse_changes([good(), up(title(value))], LIMITS, NOW)
     (write,) = change.fields
     assert json.loads(write.value) == value
+
+
+def push_of_value(raw_value: bytes) -> bytes:
+    """An HTTP push body whose one field has ``raw_value`` as its JSON text."""
+    return (
+        b'{"device":"d","changes":[{"collection":"c","id":"i","op":"upsert",'
+        b'"fields":{"t":{"value":' + raw_value + b',"hlc":"' + S.encode() + b'"}}}]}'
+    )
+
+
+def exactly(text: str | bytes) -> Any:
+    """JSON with every number as an exact Decimal, to compare numbers digit for digit."""
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
+
+
+@pytest.mark.parametrize(
+    "raw_value",
+    [
+        pytest.param(b"123456789012345678901234567890", id="integer-beyond-64-bits"),
+        pytest.param(b"-9223372036854775809", id="negative-19-digits-beyond-64-bits"),
+        pytest.param(b"18446744073709551615", id="largest-unsigned-64-bit"),
+        pytest.param(b"3.141592653589793238462643", id="more-digits-than-a-double"),
+        pytest.param(b"123456789012345678901234567890.5", id="long-with-fraction"),
+        pytest.param(b"0.1000000000000000055511151231257827", id="double-rounding"),
+        pytest.param(b'{"a":[1.23456789012345678e-5,2]}', id="nested-with-exponent"),
+        pytest.param(b"[1e-400,-2.5E-350]", id="below-the-smallest-double"),
+        pytest.param(b"[0.1,1.5,-2,1e300,true,null]", id="numbers-a-double-holds"),
+    ],
+)
+def test_numbers_are_kept_as_written(raw_value: bytes) -> None:
+    # PostgreSQL stores a value's numbers as numerics, digit for digit: what
+    # the hub hands it must be the number written, not a double's rounding.
+    (change,) = http(push_of_value(raw_value)).changes
+    assert exactly(change.fields[0].value) == exactly(raw_value)
+
+
+@pytest.mark.parametrize(
+    ("raw_value", "mentions"),
+    [
+        pytest.param(b"[" * 129 + b"]" * 129, "nested more than 128", id="129-deep"),
+        pytest.param(b"[" * 300 + b"]" * 300, "nested more than 128", id="300-deep"),
+        pytest.param(b"[" * 1000 + b"1" + b"]" * 1000, "nested more than 128", id="1000-deep"),
+        pytest.param(
+            b"[" * 1000 + b"123456789012345678901234" + b"]" * 1000,
+            "nested",
+            id="1000-deep-with-a-long-number",
+        ),
+        pytest.param(
+            b"[" + b",".join([b"1e308"] * 250) + b"]",
+            "written out in full",
+            id="exponents-that-expand-past-64KiB",
+        ),
+        pytest.param(
+            b"[" + b",".join([b"1e-300"] * 250) + b"]",
+            "written out in full",
+            id="negative-exponents-that-expand-past-64KiB",
+        ),
+        pytest.param(
+            b"[" + b",".join([b"1e-400"] * 200) + b"]",
+            "written out in full",
+            id="exponents-below-a-double-that-expand-past-64KiB",
+        ),
+        pytest.param(b"1e400", "malformed JSON", id="beyond-a-double"),
+    ],
+)
+def test_values_that_would_not_stay_within_the_limits_are_refused(
+    raw_value: bytes, mentions: str
+) -> None:
+    with pytest.raises(HubError) as info:
+        http(push_of_value(raw_value))
+    assert info.value.status == 400
+    assert info.value.code in {"invalid_change", "bad_request"}
+    assert mentions in info.value.message
+
+
+def test_value_nested_128_deep_is_accepted() -> None:
+    (change,) = http(push_of_value(b"[" * 128 + b"]" * 128)).changes
+    assert change.fields[0].value == "[" * 128 + "]" * 128
 
 
 def test_literal_backslash_u0000_in_raw_json_accepted_but_real_nul_rejected() -> None:
@@ -530,7 +609,7 @@ def test_version_cursor_round_trip(version: int) -> None:
 @given(
     versions,
     st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=64),
-    st.text(min_size=1, max_size=128),
+    st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=128),  # as ids are
 )
 def test_position_cursor_round_trip(version: int, collection: str, record_id: str) -> None:
     text = encode_cursor(Cursor(version, collection, record_id))
@@ -601,6 +680,13 @@ def b64(raw: bytes) -> str:
             "5." + b64(b'{"a":1,"b":2}'),
             id="position-an-object",
         ),
+        pytest.param("5." + b64(b'["todos\\u0000","a"]'), id="position-collection-nul"),
+        pytest.param("5." + b64(b'["a/b","a"]'), id="position-collection-not-a-name"),
+        pytest.param("5." + b64(b'["todos","a\\u0000"]'), id="position-id-nul"),
+        pytest.param("5." + b64(b'["todos",""]'), id="position-id-empty"),
+        pytest.param("5." + b64(orjson.dumps(["todos", "x" * 129])), id="position-id-too-long"),
+        pytest.param(10**18, id="int-beyond-18-digits"),
+        pytest.param(2**63, id="int-beyond-64-bits-signed"),
     ],
 )
 def test_malformed_cursor_is_bad_request(text: Any) -> None:
