@@ -37,7 +37,7 @@ from typing import Any
 import jwt
 import orjson
 
-from .errors import BadRequest, TokenExpired, Unauthorized
+from .errors import BadRequest, TokenExpired, Unauthorized, Unavailable
 from .types import ApiKeyRecord, Principal
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Authenticator",
     "JwtVerifier",
     "bearer_token",
+    "is_key_id",
     "make_api_key",
     "make_token",
     "parse_api_key",
@@ -228,6 +229,11 @@ def make_api_key() -> tuple[str, str]:
     return key_id, body + _checksum(body)
 
 
+def is_key_id(text: str) -> bool:
+    """Whether ``text`` can be the id of a key (what ``DELETE /v1/api-keys/{id}`` names)."""
+    return len(text) == KEY_ID_CHARS and all(c in BASE62 for c in text)
+
+
 def parse_api_key(key: str) -> str:
     """The id of a well-formed key; ``Unauthorized`` for a typo, before any lookup."""
     if len(key) != KEY_CHARS or not key.startswith(KEY_PREFIX):
@@ -266,6 +272,8 @@ class Authenticator:
         return await self._verifier.verify(credential)
 
     async def _api_key(self, key: str) -> Principal:
+        if not self._pepper:  # keys cannot be checked: refused, not called unknown
+            raise Unavailable("API keys need HUB_API_KEY_PEPPER to be set", retry_after=3600)
         key_id = parse_api_key(key)
         record = await self._lookup(key_id)
         if record is None or not hmac.compare_digest(record.key_hash, self.hash_key(key)):

@@ -135,17 +135,29 @@ class NotFound(HubError):
 
 
 class ResetRequired(HubError):
-    """The cursor is older than the retention horizon: start again from 0."""
+    """The cursor is older than the retention horizon, or ahead of the user's
+    version (a database restored from an older backup): start again from 0."""
 
     code = "reset_required"
     status = 410
 
-    def __init__(self, horizon: int) -> None:
+    def __init__(self, horizon: int, message: str | None = None, details: Any = None) -> None:
         super().__init__(
-            f"cursor is older than the retention horizon (version {horizon}); pull again from 0",
-            {"horizon": horizon},
+            message
+            or f"cursor is older than the retention horizon (version {horizon}); pull again from 0",
+            {"horizon": horizon} if details is None else details,
         )
         self.horizon = horizon
+
+    @classmethod
+    def ahead(cls, version: int) -> ResetRequired:
+        """A cursor past the user's current ``version``."""
+        return cls(
+            0,
+            f"cursor is ahead of the user's version ({version}): the server's data is older "
+            "than the device's; pull again from 0",
+            {"version": version},
+        )
 
 
 class PayloadTooLarge(HubError):

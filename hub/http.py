@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 
 from . import protocol
-from .auth import bearer_token, check_scopes, make_api_key, make_token
+from .auth import bearer_token, check_scopes, is_key_id, make_api_key, make_token
 from .errors import (
     BadRequest,
     Forbidden,
@@ -186,7 +186,8 @@ async def _revoke(request: Request, kind: str, param: str) -> Response:
     who = await principal(request, "admin")
     value = request.path_params[param]
     revoke = hub.store.revoke_device if kind == "device" else hub.store.revoke_api_key
-    if not await revoke(who.user, value):
+    well_formed = protocol.valid_device(value) if kind == "device" else is_key_id(value)
+    if not well_formed or not await revoke(who.user, value):
         raise NotFound(f"no {'API key' if kind == 'key' else kind} {value[:64]!r}")
     hub.revoked(kind, who.user, value)
     return Response(status_code=204)
@@ -211,8 +212,8 @@ async def create_key(request: Request) -> Response:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     name = body.get("name")
-    if not isinstance(name, str) or not 1 <= len(name) <= 128:
-        raise BadRequest("'name' must be a string of 1..128 characters")
+    if not isinstance(name, str) or not 1 <= len(name) <= 128 or "\x00" in name:
+        raise BadRequest("'name' must be a string of 1..128 characters, without U+0000")
     scopes = check_scopes(body.get("scopes"))
     key_id, key = make_api_key()
     created = await hub.store.create_api_key(

@@ -347,7 +347,7 @@ class Session:
     def _handle(self, raw: str | bytes) -> None:
         mid: str | None = None
         try:
-            message = protocol.loads(raw)
+            message = protocol.loads(raw, exact=True)
             if not isinstance(message, dict):
                 raise BadRequest("a message must be a JSON object")
             if isinstance(message.get("id"), str):
@@ -436,6 +436,9 @@ class Session:
             self.deliver(text.decode())
         except HubError as exc:
             self.deliver(protocol.error_of(exc, mid))
+        except Exception:  # a bug: the device is told, and can pull over HTTP or again
+            log.exception("pull failed", extra={"connection": self.id})
+            self.deliver(protocol.error_message("internal", "internal error", mid))
 
     async def _refresh(self, message: dict[str, Any], mid: str | None) -> None:
         """Swap in a fresh token of the same user before the old one expires."""
@@ -446,6 +449,10 @@ class Session:
                 raise Forbidden("a token of another user cannot be used on this connection")
         except HubError as exc:
             self.deliver(protocol.error_of(exc, mid))
+            return
+        except Exception:  # a bug: the old token stays, and the device is told
+            log.exception("token refresh failed", extra={"connection": self.id})
+            self.deliver(protocol.error_message("internal", "internal error", mid))
             return
         self.principal = principal
         self._schedule_expiry()

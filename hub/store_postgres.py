@@ -838,7 +838,7 @@ def _check_cursor(cursor: Cursor, version: int, horizon: int) -> None:
         raise ResetRequired(horizon)
     if cursor.version > version:
         # A cursor from the future: the database was restored from an older backup.
-        raise ResetRequired(version)
+        raise ResetRequired.ahead(version)
 
 
 def _deltas(rows: Sequence[asyncpg.Record]) -> list[Delta]:

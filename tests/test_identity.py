@@ -717,6 +717,27 @@ async def test_api_keys_are_made_listed_used_scoped_and_revoked(shared_hub, user
     assert (await call(shared_hub, "GET", "/v1/sync/status", rkey)).status_code == 200
 
 
+async def test_malformed_key_ids_device_ids_and_key_names_are_refused(shared_hub, user):
+    token = token_for(user)
+    for path in ("/v1/devices/%00", "/v1/devices/x%00y", "/v1/api-keys/%00", "/v1/api-keys/a%00"):
+        r = await call(shared_hub, "DELETE", path, token)
+        assert r.status_code == 404 and code_of(r) == "not_found", (path, r.text)
+    r = await create_key(shared_hub, token, "a\x00b", ["read"])
+    assert r.status_code == 400 and code_of(r) == "bad_request", r.text
+
+
+async def test_a_hub_without_a_pepper_refuses_keys_with_503_not_401(hub_factory, user):
+    # Keys made while the pepper was set stay valid: a hub started without it
+    # cannot check them, and says so (503), so clients keep their key.
+    with_pepper = hub_factory()
+    key = (await new_key(with_pepper, token_for(user)))["key"]
+    assert (await call(with_pepper, "GET", "/v1/sync/status", key)).status_code == 200
+    without = hub_factory({"HUB_API_KEY_PEPPER": ""})
+    r = await call(without, "GET", "/v1/sync/status", key)
+    assert r.status_code == 503 and code_of(r) == "unavailable", r.text
+    assert "HUB_API_KEY_PEPPER" in r.json()["error"]["message"]
+
+
 async def test_revoking_a_key_is_felt_at_once_on_every_process(two_hubs, user):
     hub1, hub2 = two_hubs
     key = await new_key(hub1, token_for(user))
