@@ -275,7 +275,11 @@ def create_app(
             timeout=settings.db_timeout_s,
             event_bytes=settings.max_event_bytes,
         )
-        broker: Broker = RedisBroker(settings.redis_url) if settings.redis_url else MemoryBroker()
+        broker: Broker = (
+            RedisBroker(settings.redis_url, check_s=settings.broker_check_s)
+            if settings.redis_url
+            else MemoryBroker()
+        )
         presence: Presence = (
             RedisPresence(settings.redis_url) if settings.redis_url else MemoryPresence()
         )

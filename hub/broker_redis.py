@@ -10,8 +10,11 @@ on the hot path. (The redis-py pub/sub reader spent about 17 us of CPU per
 event on a ``get_message`` call and its timeouts; see docs/BENCHMARKS.md.)
 
 A supervisor task makes both connections; when either breaks (Redis
-restarted, ``CLIENT KILL``), it reconnects with jittered exponential backoff
-and subscribes again to every channel wanted now. A push never waits for
+restarted, ``CLIENT KILL``), or the link goes silent without breaking (a NAT
+or load balancer that dropped the flows: every ``check_s`` a probe goes out
+through Redis and back, and two lost in a row replace both connections), it
+reconnects with jittered exponential backoff and subscribes again to every
+channel wanted now. A push never waits for
 Redis: while it is unreachable, events wait in a bounded outbox (flushed on
 reconnect), beyond which they are dropped and counted (at most once: pull is
 the authoritative catch-up).
@@ -46,6 +49,8 @@ SUBSCRIBE_CHUNK = 1000  # channels per SUBSCRIBE command
 CONNECT_TIMEOUT_S = 2.0
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 5.0
+CHECK_S = 5.0  # how often a connected link is proved alive
+CHECK_MISSES = 2  # probes lost in a row that condemn the link
 
 
 def channel(user: str) -> bytes:
@@ -173,8 +178,11 @@ class RedisBroker:
     kind = "redis"
     spans_processes = True
 
-    def __init__(self, url: str, *, process_id: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, process_id: str | None = None, check_s: float = CHECK_S
+    ) -> None:
         self._options: dict[str, Any] = dict(parse_url(url))
+        self._check_s = check_s
         self._process_id = process_id or secrets.token_hex(6)
         self._probe_channel = f"hub:probe:{self._process_id}".encode()
         self._handlers: dict[bytes, Handler] = {}
@@ -232,14 +240,30 @@ class RedisBroker:
             self._flush()
             log.info("broker connected", extra={"channels": len(self._subscribed)})
             backoff = BACKOFF_START_S
-            await asyncio.wait(
-                [self._sub.closed, self._pub.closed], return_when=asyncio.FIRST_COMPLETED
-            )
+            silent = await self._watch(self._sub, self._pub)
             self._drop_connections()
             if not self._closing:
-                log.warning("broker connection lost")
+                log.warning(
+                    "broker link silent; reconnecting" if silent else "broker connection lost"
+                )
                 self.reconnects += 1
                 await asyncio.sleep(backoff * (0.5 + random.random()))
+
+    async def _watch(self, sub: _Connection, pub: _Connection) -> bool:
+        """Wait until a connection breaks (False) or the link stops carrying
+        messages while both look open (True)."""
+        closed = [sub.closed, pub.closed]
+        misses = 0
+        while True:
+            done, _ = await asyncio.wait(
+                closed, timeout=self._check_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                return False
+            alive = (await self.probe(self._check_s))["ok"]
+            misses = 0 if alive else misses + 1
+            if misses >= CHECK_MISSES:
+                return True
 
     def _drop_connections(self) -> None:
         self.connected = False

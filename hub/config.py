@@ -180,6 +180,13 @@ class Settings:
     heartbeat_s: float = field(
         default=30.0, metadata={"cast": _seconds, "help": "WebSocket ping interval"}
     )
+    broker_check_s: float = field(
+        default=5.0,
+        metadata={
+            "cast": _seconds,
+            "help": "how often the Redis link is proved alive; two failed: reconnect",
+        },
+    )
     send_queue_size: int = field(
         default=256,
         metadata={"cast": _positive_int, "help": "messages queued per connection before 1013"},

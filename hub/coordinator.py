@@ -105,6 +105,7 @@ class Coordinator:
     def __init__(self, user: str) -> None:
         self.user = user
         self.connections: dict[str, Receiver] = {}
+        self.subscribed: asyncio.Future[None] | None = None  # resolved once the broker's is live
 
     def deliver(self, event: Event) -> tuple[int, int]:
         """Send an event to every local connection but its origin; how many got
@@ -176,10 +177,14 @@ class Coordinators:
         coordinator.connections[conn.id] = conn
         if first:
             user = conn.user
-            return self.broker.subscribe(user, lambda payload: self._received(user, payload))
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        ready.set_result(None)
-        return ready
+            coordinator.subscribed = self.broker.subscribe(
+                user, lambda payload: self._received(user, payload)
+            )
+        # Every connection waits for the same subscription: a second one that
+        # came while it was on its way would otherwise miss what is published
+        # before Redis confirms it.
+        assert coordinator.subscribed is not None
+        return coordinator.subscribed
 
     def detach(self, conn: Receiver) -> None:
         coordinator = self.users.get(conn.user)

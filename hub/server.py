@@ -41,7 +41,8 @@ DRAIN_STEP_S = 0.05
 
 
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, closing a silent peer with 4000, not 1011,
+    """uvicorn's WebSocket protocol, closing a silent peer (no pong and no
+    message since a ping) with 4000, not 1011,
     taking pre-built frames (:meth:`write_frame`) for fan-out, and handing
     received messages straight to a handler (:attr:`on_message`) once the
     application has set one."""
@@ -111,10 +112,21 @@ class HeartbeatProtocol(WebSocketsSansIOProtocol):
         self.transport.write(frame)
         return True
 
+    heard_at = 0.0  # the loop's time when the peer last sent anything
+
+    def data_received(self, data: bytes) -> None:
+        self.heard_at = self.loop.time()
+        super().data_received(data)
+
     def keepalive_timeout(self) -> None:
         self.pong_timer = None
         self.pending_ping_payload = None
         if self.close_sent or self.transport.is_closing():
+            return
+        if self.heard_at >= self.ping_sent_at:
+            # No pong, but the peer spoke since the ping: alive (PROTOCOL.md:
+            # only a peer that answers nothing, no pong and no message, is closed).
+            self.schedule_ping()
             return
         self.conn.fail(WS_4000_HEARTBEAT_TIMEOUT, "heartbeat timeout")
         self.transport.write(b"".join(self.conn.data_to_send()))

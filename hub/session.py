@@ -15,7 +15,6 @@ its queue dropped, while everyone else goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -65,6 +64,11 @@ MAX_PUSHES_IN_FLIGHT = 64
 MAX_STRIKES = 20
 MAX_PULL_ANSWER_BYTES = 1024 * 1024 - 1024
 CLOSE_SEND_S = 5.0  # a close frame not written by then: the peer does not read; drop it
+# What one connection may make the hub hold for a client that reads slowly:
+# queued messages (events are at most 64 KiB; past this, 1013 as when the
+# queue is full) and pulls being answered (each answer up to 1 MiB).
+MAX_QUEUED_BYTES = 4 * 1024 * 1024
+MAX_PULLS_IN_FLIGHT = 4
 
 
 class Session:
@@ -85,6 +89,7 @@ class Session:
         self.notify_only = False
         self.principal: Principal | None = None
         self._queue: deque[str] = deque()
+        self._queued_bytes = 0  # of the texts in _queue (characters, about bytes)
         # Events that came before the welcome went out (the user's channel is
         # subscribed first, so none is missed); None once welcomed.
         self._early: list[str] | None = []
@@ -92,6 +97,7 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._in_flight = 0
+        self._pulls = 0  # pull answers being made
         settings = hub.settings
         self._messages = TokenBucket(
             settings.rate_messages_per_s, settings.rate_burst_s, time.monotonic()
@@ -119,12 +125,16 @@ class Session:
             if self._frames.write_frame(frame or text_frame(text.encode())):
                 return
         if self._sending or self._queue:
-            if len(self._queue) >= self.hub.settings.send_queue_size:
+            if (
+                len(self._queue) >= self.hub.settings.send_queue_size
+                or self._queued_bytes + len(text) > MAX_QUEUED_BYTES
+            ):
                 self.hub.metrics.slow_closes.inc()
                 log.info("closing a slow connection", extra={"connection": self.id})
                 self.close_soon(WS_1013_TOO_SLOW, "too slow; reconnect and pull")
                 return
             self._queue.append(text)
+            self._queued_bytes += len(text)
             return
         self._send_eagerly(text)
 
@@ -150,7 +160,9 @@ class Session:
         try:
             await _resume(coro, waiting)
             while self._queue and self._closing is None:
-                await self._send({"type": "websocket.send", "text": self._queue.popleft()})
+                text = self._queue.popleft()
+                self._queued_bytes -= len(text)
+                await self._send({"type": "websocket.send", "text": text})
         except Exception:
             return  # the client is gone; the reader sees the disconnect
         finally:
@@ -162,6 +174,7 @@ class Session:
             return
         self._closing = (code, reason)
         self._queue.clear()
+        self._queued_bytes = 0
         if self.user:
             self.hub.coordinators.detach(self)  # no more events for a closing connection
         # A writer stuck sending to a client that does not read would never get
@@ -200,6 +213,9 @@ class Session:
         await self._send({"type": "websocket.accept"})
         try:
             auth = await self._authenticate()
+        except Unavailable as exc:  # the credential could not be checked: retry, not give up
+            await self._close_now(WS_1013_TOO_SLOW, exc.message[:120])
+            return
         except HubError as exc:
             hub.count_auth_failure(exc.code)
             code = WS_4003_FORBIDDEN if isinstance(exc, Forbidden) else WS_4001_UNAUTHENTICATED
@@ -235,8 +251,8 @@ class Session:
             await self._close_now(WS_4009_TOO_MANY_CONNECTIONS, "too many connections")
             return
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_WAIT_S)
+            if not ready.done():  # not cancelled by the wait, nor raising if it was
+                await asyncio.wait([ready], timeout=SUBSCRIBE_WAIT_S)
             version = await hub.store.version(self.user)
             self._schedule_expiry()
             welcome = {
@@ -292,11 +308,7 @@ class Session:
         if not protocol.valid_device(device):
             raise Unauthorized("a device id is required: 1..64 characters of [A-Za-z0-9_.:-]")
         assert device is not None
-        if principal.expires_at is not None and principal.expires_at <= time.time():
-            # Within the validation leeway, but a connection needs a live token.
-            raise TokenExpired("the token has expired")
-        if not principal.can("read"):
-            raise Forbidden("this credential cannot receive events")
+        _check_can_listen(principal)
         return principal, device, mode, name, platform
 
     def _schedule_expiry(self) -> None:
@@ -365,6 +377,11 @@ class Session:
                 self._push(message)
             elif kind == "pull":
                 mid = protocol.message_id(message, required=False)
+                if self._pulls >= MAX_PULLS_IN_FLIGHT:
+                    raise RateLimited(
+                        f"{MAX_PULLS_IN_FLIGHT} pulls are being answered; wait for them", 0.1
+                    )
+                self._pulls += 1
                 asyncio.get_running_loop().create_task(self._pull(message, mid))
             elif kind == "ping":
                 self.deliver('{"type":"pong"}')
@@ -417,6 +434,12 @@ class Session:
 
     async def _pull(self, message: dict[str, Any], mid: str | None) -> None:
         try:
+            await self._answer_pull(message, mid)
+        finally:
+            self._pulls -= 1
+
+    async def _answer_pull(self, message: dict[str, Any], mid: str | None) -> None:
+        try:
             query = protocol.parse_pull_query(message, self.hub.settings.limits)
             while True:
                 try:
@@ -447,6 +470,7 @@ class Session:
             principal = await self.hub.authenticator.authenticate(auth.token)
             if principal.user != self.user:
                 raise Forbidden("a token of another user cannot be used on this connection")
+            _check_can_listen(principal)  # refused: the connection keeps its credential
         except HubError as exc:
             self.deliver(protocol.error_of(exc, mid))
             return
@@ -488,6 +512,15 @@ async def _resume(coro: Any, waiting: Any) -> None:
             waiting = coro.send(None)
         except StopIteration:
             return
+
+
+def _check_can_listen(principal: Principal) -> None:
+    """What a credential needs to hold a connection, at connect and at every refresh."""
+    if principal.expires_at is not None and principal.expires_at <= time.time():
+        # Within the validation leeway, but a connection needs a live token.
+        raise TokenExpired("the token has expired")
+    if not principal.can("read"):
+        raise Forbidden("this credential cannot receive events")
 
 
 class Disconnected(Exception):

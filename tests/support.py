@@ -316,17 +316,17 @@ def restartable_redis() -> Iterator[RestartableRedis]:
         server.stop()
 
 
-class StalledClient:
-    """A WebSocket client that completes the handshake and then reads nothing,
-    as a device that stopped reading: the hub's writes pile up in the kernel
-    buffers (kept small here) and then in the hub."""
+class RawClient:
+    """A WebSocket client over a bare socket, for what a library client does on
+    its own: it answers no ping, writes several frames at once, and reads
+    nothing unless asked (the socket's receive buffer is kept small)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
 
     @classmethod
-    async def open(cls, hub: HubProcess, user: str, device: str) -> StalledClient:
+    async def open(cls, hub: HubProcess, user: str, device: str) -> Any:
         host, port = hub.url.removeprefix("http://").split(":")
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -346,18 +346,48 @@ class StalledClient:
         assert status.startswith(b"HTTP/1.1 101"), status
         return cls(reader, writer)
 
+    def send(self, *messages: dict[str, Any]) -> None:
+        """Write these messages as text frames, all in one write."""
+        frames = []
+        for message in messages:
+            payload = orjson.dumps(message)
+            assert len(payload) < 126
+            mask = secrets.token_bytes(4)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            frames.append(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+        self.writer.write(b"".join(frames))
+
+    async def frame(self) -> tuple[int, bytes]:
+        """The next frame the hub sent: (opcode, payload)."""
+        head = await self.reader.readexactly(2)
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self.reader.readexactly(8), "big")
+        return opcode, await self.reader.readexactly(length)
+
+    async def message(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next text message (pings and other control frames skipped);
+        ``ConnectionError`` carrying the close code when the hub closes."""
+
+        async def text() -> dict[str, Any]:
+            while True:
+                opcode, payload = await self.frame()
+                if opcode == 0x1:
+                    return orjson.loads(payload)  # type: ignore[no-any-return]
+                if opcode == 0x8:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                    raise ConnectionError(code)
+
+        return await asyncio.wait_for(text(), timeout)
+
     async def close_code(self, timeout: float = 30.0) -> int | None:
         """Read (now) everything the hub sent, frame by frame; the close code, if any."""
 
         async def frames() -> int | None:
             while True:
-                head = await self.reader.readexactly(2)
-                opcode, length = head[0] & 0x0F, head[1] & 0x7F
-                if length == 126:
-                    length = int.from_bytes(await self.reader.readexactly(2), "big")
-                elif length == 127:
-                    length = int.from_bytes(await self.reader.readexactly(8), "big")
-                payload = await self.reader.readexactly(length)
+                opcode, payload = await self.frame()
                 if opcode == 0x8:
                     return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
 
@@ -367,6 +397,83 @@ class StalledClient:
             return None
         finally:
             self.writer.close()
+
+
+class StalledClient(RawClient):
+    """A WebSocket client that completes the handshake and then reads nothing,
+    as a device that stopped reading: the hub's writes pile up in the kernel
+    buffers (kept small here) and then in the hub."""
+
+
+class TcpProxy:
+    """A TCP proxy on a free 127.0.0.1 port to a server of this machine, that
+    a test can make slow (``delay_s`` on what clients send), silent (the
+    flows open now stop carrying anything, as a NAT that dropped them, while
+    new ones work) or gone (every flow closed, new ones refused)."""
+
+    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+        self.target_port = target_port
+        self.delay_s = delay_s
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._flows: list[dict[str, Any]] = []
+        self._cut = False
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+
+    def url(self, scheme_url: str) -> str:
+        """``scheme_url`` (a URL of the target) pointed at this proxy."""
+        parts = urlsplit(scheme_url)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def freeze(self) -> None:
+        for flow in self._flows:
+            flow["frozen"] = True
+
+    def cut(self) -> None:
+        self._cut = True
+        for flow in self._flows:
+            for writer in flow["writers"]:
+                writer.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._cut:
+            client_w.close()
+            return
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        flow: dict[str, Any] = {"frozen": False, "writers": [client_w, server_w]}
+        self._flows.append(flow)
+        loop = asyncio.get_running_loop()
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, delay: float) -> None:
+            # Each chunk goes out ``delay`` after it came in (not after the one before).
+            chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def forward() -> None:
+                with contextlib.suppress(Exception):
+                    while (chunk := await chunks.get())[1]:
+                        await asyncio.sleep(chunk[0] - loop.time())
+                        if not flow["frozen"]:
+                            w.write(chunk[1])
+                w.close()
+
+            forwarding = asyncio.create_task(forward())
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    chunks.put_nowait((loop.time() + delay, data))
+            chunks.put_nowait((0.0, b""))
+            await forwarding
+
+        await asyncio.gather(pipe(client_r, server_w, self.delay_s), pipe(server_r, client_w, 0.0))
 
 
 class ThrowawayPostgres:

@@ -10,12 +10,14 @@ import signal
 import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import pytest
 from support import (
     Device,
+    RawClient,
     StalledClient,
     change,
     connect,
@@ -472,3 +474,154 @@ def workers_gone(workers) -> bool:
         return workers() == []
     except FileNotFoundError:
         return True
+
+
+# -- what a connection's credential, subscription and peers may do -------------
+
+
+async def test_a_token_swapped_in_must_pass_what_a_connection_needs(shared_hub, user):
+    d = await connect(shared_hub, user, "d1")
+    async with httpx.AsyncClient(base_url=shared_hub.url, timeout=10) as client:
+        made = await client.post(
+            "/v1/api-keys",
+            json={"name": "pusher", "scopes": ["write"]},
+            headers={"Authorization": f"Bearer {token_for(user)}"},
+        )
+    assert made.status_code == 201, made.text
+    # A credential without `read` cannot hold a connection; nor can an expired
+    # token, even within the leeway that lets it pass validation.
+    for token, code in ((made.json()["key"], "forbidden"), (token_for(user, -10), "token_expired")):
+        await d.send({"type": "auth", "id": "swap", "token": token})
+        refused = await d.expect("error")
+        assert (refused["code"], refused["id"]) == (code, "swap")
+    # The connection keeps its credential, and goes on receiving.
+    ack = (await http_push(shared_hub, user, [change("t1", stamp(), x=1)])).json()
+    assert (await d.expect("change"))["version"] == ack["version"]
+    await d.close()
+
+
+async def test_a_second_connection_is_welcomed_once_the_user_is_subscribed(hub_factory, redis_url):
+    # Hub A's commands reach Redis 0.8 s late. Two devices of one user connect
+    # to it at once; each is welcomed only once the user's channel is live
+    # there, so a push committed on hub B right after a welcome reaches it.
+    from support import TcpProxy
+
+    async with TcpProxy(urlsplit(redis_url).port or 6379, delay_s=0.8) as proxy:
+        hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        user = new_user()
+        first = asyncio.create_task(connect(hub_a, user, "d1"))
+        await asyncio.sleep(0.2)
+        second = await connect(hub_a, user, "d2")
+        ack = (await http_push(hub_b, user, [change("t1", stamp(), x=1)])).json()
+        event = await second.expect("change", timeout=10)
+        assert event["version"] == ack["version"]
+        await (await first).close()
+        await second.close()
+
+
+async def test_a_silent_redis_link_is_replaced(hub_factory, redis_url):
+    # The flows between hub A and Redis stop carrying anything without
+    # closing (a NAT that dropped them): hub A notices and reconnects.
+    from support import TcpProxy
+
+    async with TcpProxy(urlsplit(redis_url).port or 6379) as proxy:
+        env = {"HUB_REDIS_URL": proxy.url(redis_url), "HUB_BROKER_CHECK_S": "0.5"}
+        hub_a = await asyncio.to_thread(hub_factory, env)
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        user = new_user()
+        receiver = await connect(hub_a, user, "receiver")
+        ack = (await http_push(hub_b, user, [change("before", stamp(), x=1)])).json()
+        assert (await receiver.expect("change"))["version"] == ack["version"]
+        proxy.freeze()
+
+        async def delivered() -> bool:
+            ack = (await http_push(hub_b, user, [change("probe", stamp(), x=1)])).json()
+            try:
+                while True:
+                    if (await receiver.recv(timeout=0.5)).get("version") == ack["version"]:
+                        return True
+            except TimeoutError:
+                return False
+
+        await wait_for(delivered, timeout=20, interval=0.2)
+        assert "broker link silent; reconnecting" in hub_a.logs()
+        await receiver.close()
+
+
+async def test_credentials_that_cannot_be_checked_now_close_with_1013_not_4001(
+    hub_factory, database_url
+):
+    # An API key while the database is down: the device is to retry, not to
+    # give up on its key (4001 is final for clients).
+    from support import TcpProxy
+
+    async with TcpProxy(urlsplit(database_url).port or 5432) as proxy:
+        env = {"HUB_DATABASE_URL": proxy.url(database_url), "HUB_DB_TIMEOUT_S": "2"}
+        hub = await asyncio.to_thread(hub_factory, env)  # the proxy serves meanwhile
+        user = new_user()
+        async with httpx.AsyncClient(base_url=hub.url, timeout=10) as client:
+            made = await client.post(
+                "/v1/api-keys",
+                json={"name": "k"},
+                headers={"Authorization": f"Bearer {token_for(user)}"},
+            )
+        assert made.status_code == 201, made.text
+        proxy.cut()
+        with pytest.raises(ConnectionClosed) as closed:
+            d = await connect(hub, user, "d1", token=made.json()["key"])
+            await d.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+
+async def test_pulls_being_answered_are_bounded_per_connection(shared_hub, user):
+    d = await RawClient.open(shared_hub, user, "d1")
+    assert (await d.message())["type"] == "welcome"
+    d.send(*({"type": "pull", "id": f"p{i}", "since": 0} for i in range(12)))
+    answers = [await d.message() for _ in range(12)]
+    assert sorted(a["id"] for a in answers) == sorted(f"p{i}" for i in range(12))
+    kinds = [a["type"] if a["type"] == "changes" else a["code"] for a in answers]
+    assert kinds.count("changes") == 4 and kinds.count("rate_limited") == 8, kinds
+    # Answered, they make room again.
+    d.send({"type": "pull", "id": "again", "since": 0})
+    assert (await d.message())["type"] == "changes"
+    d.writer.close()
+
+
+async def test_a_peer_that_sends_messages_is_alive_without_pongs(hub_factory):
+    hub = hub_factory({"HUB_HEARTBEAT_S": "0.5"})
+    user = new_user()
+    silent = await RawClient.open(hub, user, "silent")
+    talking = await RawClient.open(hub, user, "talking")
+    for d in (silent, talking):
+        assert (await d.message())["type"] == "welcome"
+    # Neither answers the hub's pings; one sends a message every 0.2 s.
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:  # six heartbeat intervals
+        talking.send({"type": "ping"})
+        assert (await talking.message(timeout=2))["type"] == "pong"
+        await asyncio.sleep(0.2)
+    assert await silent.close_code(timeout=5) == 4000
+    talking.send({"type": "ping"})
+    assert (await talking.message(timeout=2))["type"] == "pong"
+    talking.writer.close()
+
+
+async def test_a_slow_reader_is_bounded_in_bytes_too(hub_factory):
+    # Events of 60 KB to a device that reads nothing: the queue's 4 MiB
+    # close it long before its 256 messages would.
+    hub = hub_factory({"HUB_RATE_MESSAGES_PER_S": "10000"})
+    user = new_user()
+    slow = await StalledClient.open(hub, user, "slow")
+    pusher = await connect(hub, user, "pusher")
+    value = "v" * 60_000
+    for i in range(256):
+        ack = await pusher.push([change(f"r{i}", stamp(), blob=value)])
+        assert ack["type"] == "ack", ack
+        if "closing a slow connection" in hub.logs():
+            break
+    else:
+        pytest.fail("the slow connection was never closed")
+    assert i < 120, i  # 4 MiB of 60 KB events, plus what the socket buffers took
+    assert await slow.close_code() == 1013
+    await pusher.close()
