@@ -577,8 +577,8 @@ def message_id(message: dict[str, Any], required: bool) -> str | None:
     mid = message.get("id")
     if mid is None and not required:
         return None
-    if not isinstance(mid, str) or not 1 <= len(mid) <= MAX_MESSAGE_ID_CHARS:
-        raise BadRequest("'id' must be a string of 1..64 characters")
+    if not isinstance(mid, str) or not 1 <= len(mid) <= MAX_MESSAGE_ID_CHARS or "\x00" in mid:
+        raise BadRequest("'id' must be a string of 1..64 characters, without U+0000")
     return mid
 
 

@@ -184,6 +184,9 @@ SELECT 1
 # index order; a field stamped at or before its record's delete stamp is not
 # part of the state, so it makes no delta. The user's version is read in the
 # same snapshot: a page that reaches the end may move the cursor up to it.
+# (Read by a second statement when the page was empty, it could include a
+# push committed in between, whose delta the cursor then skipped.) So there
+# is always a row: with no delta, one whose key columns are NULL.
 PULL = """
 WITH keys AS (
     SELECT version, collection, record_id FROM (
@@ -214,7 +217,8 @@ SELECT k.version, k.collection, k.record_id,
        f.field, f.value::text AS value, f.hlc, f.device, f.origin, f.actor::text AS actor,
        (SELECT u.version FROM hub_users u WHERE u.user_id = $1) AS user_version,
        (SELECT u.horizon FROM hub_users u WHERE u.user_id = $1) AS horizon
-FROM keys k
+FROM (SELECT) AS always_one_row
+LEFT JOIN keys k ON true
 LEFT JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
     AND r.record_id = k.record_id
 LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
@@ -222,8 +226,6 @@ LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
     AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
 ORDER BY k.version, k.collection, k.record_id, f.field
 """
-
-USER_STATE = "SELECT version, horizon FROM hub_users WHERE user_id = $1"
 
 STATUS_COLLECTIONS = """
 SELECT r.collection,
@@ -468,45 +470,62 @@ class PostgresStore:
 
     async def _commit(self, pushes: Sequence[Push]) -> list[PushResult | HubError]:
         users = sorted({p.user for p in pushes})
-        keyed = [(p.user, p.scope, p.key) for p in pushes if p.key is not None]
-        touched = sorted({(p.user, c.collection, c.record_id) for p in pushes for c in p.changes})
-        async with self.pool.acquire() as con, con.transaction():
-            rows = await con.fetch(LOCK_USERS, users)
-            if len(rows) < len(users):  # first pushes of new users: create, then lock all
-                await con.execute(INSERT_USERS, users)
+        async with self.pool.acquire() as con:
+            async with con.transaction():
                 rows = await con.fetch(LOCK_USERS, users)
-            versions = {r[0]: r[1] for r in rows}
-            receipts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
-            state: dict[tuple[str, str, str], RecordState] = {}
-            devices = sorted({(p.user, p.device) for p in pushes})
-            keys = [orjson.dumps(k).decode() for k in (keyed, touched, devices)]
-            rows = await con.fetch(READ, *keys)
-            revoked: set[tuple[str, str]] = set()
-            for kind, u, a, b, name, stamp, digest, text in rows:
-                if kind == "r":
-                    receipts[(u, a, b)] = (digest, text)
-                    continue
-                if kind == "d":
-                    revoked.add((u, a))
-                    continue
-                record = state.get((u, a, b))
-                if record is None:
-                    record = state[(u, a, b)] = RecordState(deleted_hlc=text)
-                if name is not None:
-                    record.fields[name] = FieldState(None, stamp)  # the value is not read
-            plan = _Plan()
-            results = [
-                Forbidden("this device was revoked")
-                if (p.user, p.device) in revoked
-                else _merge(p, versions, receipts, state, plan, self.event_bytes)
-                for p in pushes
-            ]
-            plan.devices = self._unseen(plan.devices)
-            await con.execute(WRITE, *plan.arguments())
+                done = (
+                    await self._merge_locked(con, pushes, rows) if len(rows) == len(users) else None
+                )
+            if done is None:
+                # First pushes of new users: their rows are made on their own,
+                # with no lock held (made inside the batch, after locking the
+                # others, two processes could deadlock), then the batch again.
+                await con.execute(INSERT_USERS, users)
+                async with con.transaction():
+                    rows = await con.fetch(LOCK_USERS, users)
+                    done = await self._merge_locked(con, pushes, rows)
+        results, devices = done
         now = time.monotonic()
-        for device in plan.devices:  # committed: recorded for the next minute
+        for device in devices:  # committed: recorded for the next minute
             self._seen_devices[device] = now
         return results
+
+    async def _merge_locked(
+        self, con: Any, pushes: Sequence[Push], locked: Sequence[asyncpg.Record]
+    ) -> tuple[list[PushResult | HubError], set[tuple[str, str]]]:
+        """Merge and write a batch whose users' version rows (``locked``) ``con``
+        holds locked: the results, and the devices whose ``last_seen`` it wrote."""
+        keyed = [(p.user, p.scope, p.key) for p in pushes if p.key is not None]
+        touched = sorted({(p.user, c.collection, c.record_id) for p in pushes for c in p.changes})
+        versions = {r[0]: r[1] for r in locked}
+        receipts: dict[tuple[str, str, str], tuple[bytes, str]] = {}
+        state: dict[tuple[str, str, str], RecordState] = {}
+        devices = sorted({(p.user, p.device) for p in pushes})
+        keys = [orjson.dumps(k).decode() for k in (keyed, touched, devices)]
+        rows = await con.fetch(READ, *keys)
+        revoked: set[tuple[str, str]] = set()
+        for kind, u, a, b, name, stamp, digest, text in rows:
+            if kind == "r":
+                receipts[(u, a, b)] = (digest, text)
+                continue
+            if kind == "d":
+                revoked.add((u, a))
+                continue
+            record = state.get((u, a, b))
+            if record is None:
+                record = state[(u, a, b)] = RecordState(deleted_hlc=text)
+            if name is not None:
+                record.fields[name] = FieldState(None, stamp)  # the value is not read
+        plan = _Plan()
+        results = [
+            Forbidden("this device was revoked")
+            if (p.user, p.device) in revoked
+            else _merge(p, versions, receipts, state, plan, self.event_bytes)
+            for p in pushes
+        ]
+        plan.devices = self._unseen(plan.devices)
+        await con.execute(WRITE, *plan.arguments())
+        return results, plan.devices
 
     def _unseen(self, devices: set[tuple[str, str]]) -> set[tuple[str, str]]:
         now = time.monotonic()
@@ -531,13 +550,9 @@ class PostgresStore:
             after = (cursor.version, cursor.collection, cursor.record_id or "")
         async with self._connection() as con:
             rows = await con.fetch(PULL, user, *after, query.limit + 1, query.collection)
-            if rows:
-                user_version, horizon = rows[0]["user_version"], rows[0]["horizon"]
-            else:
-                found = await con.fetchrow(USER_STATE, user)
-                user_version, horizon = (found[0], found[1]) if found else (0, 0)
+        user_version, horizon = rows[0]["user_version"] or 0, rows[0]["horizon"] or 0
         _check_cursor(cursor, user_version, horizon)
-        deltas = _deltas(rows)
+        deltas = _deltas(rows) if rows[0]["version"] is not None else []
         has_more = len(deltas) > query.limit
         if has_more:
             deltas = deltas[: query.limit]
@@ -834,8 +849,11 @@ def _rejection(exc: asyncpg.PostgresError) -> HubError:
 def _check_cursor(cursor: Cursor, version: int, horizon: int) -> None:
     # Below the horizon, a cursor made before the purge may have seen records
     # whose deletes are gone: only a full resync makes the device right again.
-    if cursor.version and cursor.version < horizon and cursor.horizon < horizon:
-        raise ResetRequired(horizon)
+    if cursor.version and cursor.horizon < horizon:
+        # Inside the horizon's own version (a position within it), the purge may
+        # have taken deletes that sort after the position: they are lost too.
+        if cursor.version < horizon or (cursor.version == horizon and cursor.collection):
+            raise ResetRequired(horizon)
     if cursor.version > version:
         # A cursor from the future: the database was restored from an older backup.
         raise ResetRequired.ahead(version)

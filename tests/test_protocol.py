@@ -26,6 +26,7 @@ from hub.protocol import (
     ack_message,
     decode_cursor,
     encode_cursor,
+    message_id,
     parse_changes,
     parse_http_push,
     parse_pull_query,
@@ -788,3 +789,10 @@ def test_ack_text_is_the_json_of_the_ack_object(mid, replay):
     text = ack_message(mid, 12, 3, 1, replay)
     assert text == orjson.dumps(ack).decode()
     assert orjson.loads(text) == ack
+
+
+@pytest.mark.parametrize("mid", ["", "x" * 65, "a\x00b", 5, None])
+def test_bad_message_id_is_bad_request(mid: Any) -> None:
+    # A NUL would reach PostgreSQL in the receipt and fail the whole batch.
+    with pytest.raises(BadRequest, match="'id'"):
+        message_id({"type": "push", "id": mid}, required=True)

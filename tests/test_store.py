@@ -379,3 +379,61 @@ async def test_a_busy_connection_is_kept_past_50000_statements(store):
     await store.ping()  # the connection goes back to the pool and comes out again
     async with store.pool.acquire() as con:
         assert await con.fetchval("SELECT pg_backend_pid()") == pid
+
+
+async def test_a_reader_at_the_tip_misses_nothing_of_a_busy_writer(databases: Databases):
+    """A device pulling incrementally while another process pushes: the user's
+    version that moves its cursor is read in the same snapshot as the deltas,
+    so no push committed in between is stepped over."""
+    url = await databases.acreate()
+    reader = await PostgresStore.connect(url, max_size=2)
+    writer = await PostgresStore.connect(url, max_size=2)
+    user = new_user()
+    rounds = 300
+
+    async def pushing() -> None:
+        for i in range(rounds):
+            await commit_one(writer, push(user, upsert(f"r{i}", a=(i, stamp(i)))))
+
+    try:
+        task = asyncio.create_task(pushing())
+        seen: set[str] = set()
+        cursor = Cursor(0)
+        while True:
+            finished = task.done()  # a pull that starts after the last push, to end on
+            page = await reader.pull(user, PullQuery(cursor, 500, None))
+            seen.update(d.record_id for d in page.changes)
+            cursor = page.cursor
+            if finished and not page.has_more:
+                break
+        await task
+        assert len(seen) == rounds, f"missed {rounds - len(seen)} of {rounds}"
+    finally:
+        await reader.close()
+        await writer.close()
+
+
+async def test_a_purge_inside_a_cursors_version_needs_a_reset(databases: Databases):
+    """A device paging through one push that deleted two records is between
+    them when the purge takes both tombstones: the second delete is gone, so
+    its next pull must be 410, not an empty page."""
+    url = await databases.acreate()
+    store = await PostgresStore.connect(url, max_size=2)
+    user = new_user()
+    try:
+        await commit_one(
+            store, push(user, upsert("a", t=("A", stamp(1))), upsert("z", t=("Z", stamp(1))))
+        )
+        _, cursor, _ = await pull_all(store, user)
+        await commit_one(store, push(user, delete("a", stamp(2)), delete("z", stamp(2))))
+        page = await store.pull(user, PullQuery(cursor, 1, None))
+        assert [d.record_id for d in page.changes] == ["a"] and page.has_more
+        assert (await store.purge(retention_s=0))["tombstones"] == 2
+        with pytest.raises(ResetRequired):
+            await store.pull(user, PullQuery(page.cursor, 1, None))
+        # A cursor past the whole version, or made after the purge, is fine.
+        deltas, after, _ = await pull_all(store, user)
+        assert deltas == []
+        assert (await store.pull(user, PullQuery(after, 1, None))).changes == ()
+    finally:
+        await store.close()
