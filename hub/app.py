@@ -133,10 +133,16 @@ class Hub:
         self._retention = asyncio.get_running_loop().create_task(self._purge_periodically())
 
     async def stop(self) -> None:
+        """Stop background work and let the committer finish, within an eighth of
+        the shutdown bound (the drain had half of it already)."""
         for task in (self._sampler, self._retention):
             if task is not None:
                 task.cancel()
-        await self.committer.close()
+        closing = asyncio.ensure_future(self.committer.close())
+        await asyncio.wait([closing], timeout=self.settings.shutdown_timeout_s / 8)
+        if not closing.done():
+            log.warning("the database did not finish the last commit in time")
+            self.committer.abandon()
 
     # -- revocations ----------------------------------------------------------------
 
@@ -221,6 +227,9 @@ class Hub:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s / 2
         while self.committer.pending() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self.committer.pending():  # the database is stuck: answer, so clients retry elsewhere
+            log.warning("pushes not committed in time", extra={"pushes": self.committer.pending()})
+            self.committer.abandon()
 
     async def health(self) -> dict[str, Any]:
         """The /health report, computed at most about once a second."""
@@ -263,6 +272,7 @@ def create_app(
     jwt_secret: str | None,
     api_key_pepper: str | None = None,
     on_ready: Callable[[], None] | None = None,
+    development: bool | None = None,
 ) -> HubApp:
     """The hub as an ASGI app. The caller resolves ``database_url``, the JWT
     secret (None: JWKS) and the API key pepper (None: API keys disabled)."""
@@ -299,7 +309,9 @@ def create_app(
         hub = Hub(
             settings, store, broker, authenticator, presence, keys_enabled=bool(api_key_pepper)
         )
-        if settings.development_secret:
+        # (Workers of `hub serve --workers N` get the development secret as their
+        # HUB_JWT_SECRET, and are told that it is one.)
+        if settings.development_secret if development is None else development:
             hub.development_secret = jwt_secret
         hub.start()
         app.state.hub = hub
@@ -319,7 +331,8 @@ def create_app(
             await hub.stop()  # in-flight pushes commit before the pool closes
             await presence.close()
             await broker.close()
-            await store.close()
+            await store.close(timeout=settings.shutdown_timeout_s / 8)
+            log.info("shutdown complete")
 
     routes = [
         Route("/v1/sync/push", http.push, methods=["POST"]),

@@ -60,6 +60,8 @@ def serve(args: argparse.Namespace) -> int:
             settings.api_key_pepper,
             sock,
             None,
+            worker=True,
+            development=args.development,
         )
     keep: list[object] = []  # handles that keep embedded servers running
     database_url = settings.database_url
@@ -80,8 +82,20 @@ def serve(args: argparse.Namespace) -> int:
             return 2
         keep.append(handle)
         say(f"hub: embedded Redis-compatible server for {settings.workers} workers: {redis_url}")
-    secret, pepper = credentials(settings)
-    sock = bind(settings.host, settings.port)
+    try:
+        secret, pepper = credentials(settings)
+    except OSError as exc:
+        print(f"hub: cannot keep the development secret in HUB_DATA_DIR: {exc}", file=sys.stderr)
+        return 2
+    problem = asyncio.run(database_problem(database_url, settings.db_timeout_s))
+    if problem is not None:
+        print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
+        return 2
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"hub: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
     port = sock.getsockname()[1]
     base = f"http://{settings.host}:{port}"
     if settings.development_secret:
@@ -104,7 +118,10 @@ def serve(args: argparse.Namespace) -> int:
         )
         say(f"hub: starting {settings.workers} worker processes")
         say(f"hub: listening on {base}")
-        return run_workers(settings.workers, sock, env, sys.argv[2:])
+        if pepper is None:
+            say("hub: API keys are disabled until HUB_API_KEY_PEPPER is set")
+        argv = sys.argv[2:] + (["--development"] if settings.development_secret else [])
+        return run_workers(settings.workers, sock, env, argv)
 
     def ready() -> None:
         say(f"hub: listening on {base}")
@@ -126,6 +143,20 @@ def credentials(settings: config.Settings) -> tuple[str | None, str | None]:
     return secret, pepper
 
 
+async def database_problem(database_url: str, timeout: float) -> str | None:
+    """Why the database cannot be used, said for an operator; None when it can."""
+    import asyncpg
+
+    try:
+        con = await asyncpg.connect(database_url, timeout=timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return f"cannot connect: {type(exc).__name__}: {exc}"
+    except ValueError as exc:  # a malformed URL, as asyncpg reads it
+        return f"cannot be used: {exc}"
+    await con.close()
+    return None
+
+
 def run_one(
     settings: config.Settings,
     database_url: str,
@@ -133,6 +164,9 @@ def run_one(
     pepper: str | None,
     sock: socket.socket,
     on_ready: Callable[[], None] | None,
+    *,
+    worker: bool = False,
+    development: bool | None = None,
 ) -> int:
     from .app import create_app
 
@@ -142,6 +176,7 @@ def run_one(
         jwt_secret=secret,
         api_key_pepper=pepper,
         on_ready=on_ready,
+        development=development,
     )
 
     async def drain() -> None:
@@ -150,7 +185,7 @@ def run_one(
             await hub.drain()
 
     server = HubServer(
-        uvicorn_config(app, settings.heartbeat_s, settings.shutdown_timeout_s), drain
+        uvicorn_config(app, settings.heartbeat_s, settings.shutdown_timeout_s), drain, worker=worker
     )
     server.run(sockets=[sock])
     return 0
@@ -189,8 +224,16 @@ def with_store(
     database_url = settings.database_url
     keep = []
     if database_url is None:
-        database_url, handle = start_postgres(settings.data_dir)
+        try:
+            database_url, handle = start_postgres(settings.data_dir)
+        except EmbeddedError as exc:
+            print(f"hub: {exc}", file=sys.stderr)
+            return 2
         keep.append(handle)
+    problem = asyncio.run(database_problem(database_url, settings.db_timeout_s))
+    if problem is not None:
+        print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
+        return 2
 
     async def run() -> dict[str, Any]:
         assert database_url is not None
@@ -205,8 +248,15 @@ def with_store(
 
 
 def token(args: argparse.Namespace) -> int:
-    settings = config.load(os.environ)
-    secret, _ = credentials(settings)
+    try:
+        settings = config.load(os.environ)
+        secret, _ = credentials(settings)
+    except config.ConfigError as exc:
+        print(f"hub: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"hub: cannot read the development secret in HUB_DATA_DIR: {exc}", file=sys.stderr)
+        return 2
     if secret is None:
         print(
             "hub: with HUB_JWKS_URL the hub makes no tokens; your identity provider does",
@@ -230,6 +280,7 @@ def parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(serve_p)
     serve_p.add_argument("--listen-fd", default=None, help=argparse.SUPPRESS)
+    serve_p.add_argument("--development", action="store_true", help=argparse.SUPPRESS)
     serve_p.set_defaults(run=serve)
     retention_p = sub.add_parser(
         "retention",

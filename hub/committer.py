@@ -43,6 +43,7 @@ class Committer:
         self.max_batch_changes = max_batch_changes
         self.metrics = metrics
         self._queue: deque[Queued] = deque()
+        self._batch: list[Queued] = []  # the batch being committed
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -57,7 +58,7 @@ class Committer:
         commit order: the coordinator publishes events from such callbacks.
         """
         if self._closing:
-            raise Unavailable("the hub is shutting down; retry", retry_after=1.0)
+            raise _shutting_down()
         future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
         self._queue.append((push, future, time.perf_counter()))
@@ -65,7 +66,19 @@ class Committer:
         return future
 
     def pending(self) -> int:
-        return len(self._queue)
+        """Pushes not answered yet: queued, and in the batch being committed."""
+        return len(self._queue) + sum(not future.done() for _, future, _ in self._batch)
+
+    def abandon(self) -> None:
+        """Answer every push not answered yet with ``unavailable`` and take no
+        more: at shutdown, when the database did not finish in time. A commit
+        that still ends well stays committed; the clients' retries are replays."""
+        self._closing = True
+        for _, future, _ in (*self._batch, *self._queue):
+            if not future.done():
+                future.set_exception(_shutting_down())
+        self._queue.clear()
+        self._wakeup.set()
 
     async def close(self) -> None:
         """Commit what is queued, then stop."""
@@ -93,7 +106,7 @@ class Committer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = self._take_batch()
+            batch = self._batch = self._take_batch()
             began = time.perf_counter()
             try:
                 results = await self.store.commit([push for push, _, _ in batch])
@@ -109,6 +122,7 @@ class Committer:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+            self._batch = []
 
     def _observe(
         self, batch: list[Queued], results: list[PushResult | HubError], began: float
@@ -136,6 +150,10 @@ class Committer:
             metrics.changes.labels("applied").inc(applied)
         if ignored:
             metrics.changes.labels("ignored").inc(ignored)
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("the hub is shutting down; retry", retry_after=1.0)
 
 
 def _consume(future: asyncio.Future[PushResult]) -> None:

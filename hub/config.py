@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .protocol import Limits
 
@@ -156,7 +157,7 @@ class Settings:
     )
     rate_burst_s: float = field(
         default=2.0,
-        metadata={"cast": _positive_float, "help": "rate limits allow bursts of this many seconds"},
+        metadata={"cast": _seconds, "help": "rate limits allow bursts of this many seconds"},
     )
     max_changes_per_push: int = field(
         default=1000, metadata={"cast": _positive_int, "help": "changes in one push"}
@@ -283,7 +284,43 @@ def load(
             "HUB_JWT_SECRET and HUB_JWKS_URL are both set: HS and asymmetric algorithms are "
             "never mixed; set one"
         )
+    _check_urls(settings)
+    _check_algorithms(settings)
     return settings
+
+
+def _check_urls(settings: Settings) -> None:
+    # The URLs are not quoted back: they may hold a password.
+    for name, url, schemes in (
+        ("HUB_DATABASE_URL", settings.database_url, ("postgresql", "postgres")),
+        ("HUB_REDIS_URL", settings.redis_url, ("redis", "rediss", "unix")),
+        ("HUB_JWKS_URL", settings.jwks_url, ("https", "http")),
+    ):
+        if url is None:
+            continue
+        parts = urlsplit(url)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in schemes or not port_ok:
+            raise ConfigError(
+                f"{name} is not a URL of the form {schemes[0]}://[user[:password]@]host[:port]/..."
+            )
+
+
+def _check_algorithms(settings: Settings) -> None:
+    from .auth import ASYMMETRIC_ALGORITHMS, HS_ALGORITHMS
+
+    if settings.jwt_algorithms is None:
+        return
+    allowed = ASYMMETRIC_ALGORITHMS if settings.jwks_url is not None else HS_ALGORITHMS
+    if not settings.jwt_algorithms or not set(settings.jwt_algorithms) <= allowed:
+        kind = "a JWKS" if settings.jwks_url is not None else "a JWT secret"
+        raise ConfigError(
+            f"HUB_JWT_ALGORITHMS={','.join(settings.jwt_algorithms)!r}: with {kind} "
+            f"the algorithms are among {','.join(sorted(allowed))}"
+        )
 
 
 def known_variables() -> Sequence[str]:

@@ -145,7 +145,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def uvicorn_config(app: Any, heartbeat_s: float, shutdown_timeout_s: float) -> uvicorn.Config:
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         loop="auto",
         http="httptools",
@@ -158,16 +158,31 @@ def uvicorn_config(app: Any, heartbeat_s: float, shutdown_timeout_s: float) -> u
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)),
     )
+    # The shutdown's stages share HUB_SHUTDOWN_TIMEOUT_S: the hub's drain half of
+    # it, uvicorn's wait for open requests a quarter, the lifespan's closing the
+    # rest (committer and pool an eighth each). uvicorn takes seconds as a float.
+    config.timeout_graceful_shutdown = shutdown_timeout_s / 4  # type: ignore[assignment]
+    return config
 
 
 class HubServer(uvicorn.Server):
     """uvicorn's server with the hub's staged graceful shutdown in front of its own."""
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Any]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Callable[[], Any], *, worker: bool = False
+    ) -> None:
         super().__init__(config)
         self._drain = drain
+        self._worker = worker
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # A worker of `hub serve --workers N` gets a terminal's Ctrl-C and then
+        # its parent's SIGTERM: for uvicorn a second signal would mean "quit
+        # now", skipping the drain. The parent decides that (a second Ctrl-C).
+        if self._worker and sig == signal.SIGINT:
+            sig = signal.SIGTERM
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # 1. Stop accepting: new connections go to other processes.
@@ -200,7 +215,8 @@ async def drain_connections(connections: list[Any], close: Callable[[Any], None]
 
 
 def run_workers(workers: int, sock: socket.socket, env: dict[str, str], argv: list[str]) -> int:
-    """Run ``workers`` hub processes on one listening socket; forward SIGTERM/SIGINT.
+    """Run ``workers`` hub processes on one listening socket; a SIGTERM or SIGINT
+    stops them gracefully, a second one at once.
 
     The workers share a directory for their metrics, so that /metrics on any
     of them reports the whole hub.
@@ -217,10 +233,15 @@ def run_workers(workers: int, sock: socket.socket, env: dict[str, str], argv: li
             )
         )
 
+    signals = 0
+
     def forward(sig: int, _frame: Any) -> None:
+        # The first signal stops the workers gracefully; a second one, now.
+        nonlocal signals
+        signals += 1
         for child in children:
             if child.poll() is None:
-                child.send_signal(sig)
+                child.send_signal(signal.SIGTERM if signals == 1 else signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -428,8 +428,12 @@ class PostgresStore:
             raise
         return cls(pool, event_bytes=event_bytes)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float | None = None) -> None:
+        """Close the pool; past ``timeout``, drop connections still busy."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except TimeoutError:
+            self.pool.terminate()
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:

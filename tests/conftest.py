@@ -90,8 +90,12 @@ def hub_factory(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Hub
     """Start hub processes on the session database; all stopped after the test."""
     started: list[HubProcess] = []
 
-    def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> HubProcess:
-        hub = spawn_hub({"HUB_DATABASE_URL": database_url, **(env or {})}, tmp_path, args)
+    def start(
+        env: dict[str, str] | None = None, args: list[str] | None = None, own_session: bool = False
+    ) -> HubProcess:
+        hub = spawn_hub(
+            {"HUB_DATABASE_URL": database_url, **(env or {})}, tmp_path, args, own_session
+        )
         started.append(hub)
         return hub
 

@@ -130,8 +130,13 @@ class HubProcess:
 
 
 def spawn_hub(
-    env_extra: dict[str, str], log_dir: Path, args: list[str] | None = None
+    env_extra: dict[str, str],
+    log_dir: Path,
+    args: list[str] | None = None,
+    own_session: bool = False,
 ) -> HubProcess:
+    """A hub process; with ``own_session``, in a process group of its own (as
+    a terminal's foreground job), which a test may signal as a whole."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     env.update(
         {
@@ -155,6 +160,7 @@ def spawn_hub(
         env=env,
         text=True,
         cwd=str(log_dir),
+        start_new_session=own_session,
     )
     log_file.close()
     lines: list[str] = []

@@ -74,7 +74,8 @@ async def test_pushes_arriving_during_a_commit_form_the_next_batch() -> None:
         committer.enqueue(push(u, k)) for u, k in [("bob", "b1"), ("alice", "a2"), ("bob", "b2")]
     ]
     await asyncio.sleep(0.01)
-    assert len(store.started) == 1 and committer.pending() == 3  # one batch at a time
+    # One batch at a time: the first still committing, three waiting (none answered).
+    assert len(store.started) == 1 and committer.pending() == 4
     store.gates[0].set()
     await until(lambda: len(store.started) == 2)
     assert [p.key for p in store.started[1]] == ["b1", "a2", "b2"]  # all of them, in order
@@ -148,3 +149,23 @@ async def test_close_commits_what_is_queued_then_refuses_new_pushes() -> None:
     store.gates[1].set()
     await asyncio.wait_for(closing, 2)
     assert first.result().version == 1 and queued.result().version == 1
+
+
+async def test_abandon_answers_every_push_not_answered_yet():
+    # At shutdown, when the database is stuck: the batch being committed and
+    # the queued pushes are all answered `unavailable`, and no more are taken.
+    store = GatedStore()
+    committer = Committer(store)  # type: ignore[arg-type]
+    committer.start()
+    first = committer.enqueue(push("alice", "a1"))
+    await until(lambda: len(store.started) == 1)
+    queued = committer.enqueue(push("bob", "b1"))
+    committer.abandon()
+    for future in (first, queued):
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(future, 1)
+    assert committer.pending() == 0
+    with pytest.raises(Unavailable):
+        committer.enqueue(push("carol", "c1"))
+    store.gates[0].set()  # the stuck commit ends after all: nothing breaks
+    await asyncio.wait_for(committer.close(), 1)

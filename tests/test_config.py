@@ -240,3 +240,40 @@ def test_a_jwt_secret_and_a_jwks_together_stop_start_up() -> None:
     env = {"HUB_JWT_SECRET": "s" * 40, "HUB_JWKS_URL": "https://id.example/jwks"}
     with pytest.raises(ConfigError, match="HUB_JWT_SECRET and HUB_JWKS_URL"):
         load(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"HUB_DATABASE_URL": "not-a-url"}, "HUB_DATABASE_URL"),
+        ({"HUB_DATABASE_URL": "mysql://db/hub"}, "HUB_DATABASE_URL"),
+        ({"HUB_DATABASE_URL": "postgresql://hub:s3cret@db:notaport/hub"}, "HUB_DATABASE_URL"),
+        ({"HUB_REDIS_URL": "localhost:6379"}, "HUB_REDIS_URL"),
+        ({"HUB_JWKS_URL": "file:///etc/keys.json"}, "HUB_JWKS_URL"),
+        ({"HUB_JWT_ALGORITHMS": "none"}, "HUB_JWT_ALGORITHMS"),
+        ({"HUB_JWT_SECRET": "x" * 40, "HUB_JWT_ALGORITHMS": "HS256,RS256"}, "HUB_JWT_ALGORITHMS"),
+        ({"HUB_JWKS_URL": "https://idp/jwks", "HUB_JWT_ALGORITHMS": "HS256"}, "HUB_JWT_ALGORITHMS"),
+    ],
+)
+def test_urls_and_algorithms_are_checked_at_start_up(env: dict[str, str], names: str) -> None:
+    # Found now, with the setting named, not as a traceback once serving;
+    # and a URL's password is never repeated back.
+    with pytest.raises(ConfigError) as info:
+        load(env)
+    assert names in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HUB_DATABASE_URL": "postgresql://hub:pw@db.internal:5432/hub?sslmode=require"},
+        {"HUB_DATABASE_URL": "postgres:///hub?host=/var/run/postgresql"},
+        {"HUB_REDIS_URL": "rediss://:pw@cache:6380/0"},
+        {"HUB_REDIS_URL": "unix:///run/redis.sock"},
+        {"HUB_JWKS_URL": "https://idp.example.com/.well-known/jwks.json"},
+        {"HUB_JWT_SECRET": "x" * 40, "HUB_JWT_ALGORITHMS": "HS256,HS512"},
+    ],
+)
+def test_usual_urls_and_algorithms_are_accepted(env: dict[str, str]) -> None:
+    load(env)

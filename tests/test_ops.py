@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -311,3 +312,44 @@ async def test_metrics_add_up_over_the_workers(hub_factory, user):
         text = (await get(hub, "/metrics")).text
         seen.add(metric(text, "hub_pushes_total", result="applied"))
     assert seen == {20.0}, seen
+
+
+def _serve_refused(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``hub serve`` with these settings; it is expected to stop at once."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full.update({"HUB_PORT": "0", "HUB_JWT_SECRET": "s" * 40, "HUB_DATA_DIR": str(tmp_path)})
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "hub", "serve"],
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    free_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    unreachable = f"postgresql://hub:pw-not-shown@127.0.0.1:{free_port}/hub"
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for env, says in (
+            ({"HUB_DATABASE_URL": unreachable}, "hub: HUB_DATABASE_URL: cannot connect"),
+            (
+                {"HUB_DATABASE_URL": database_url, "HUB_PORT": str(taken.getsockname()[1])},
+                "hub: cannot listen on 127.0.0.1:",
+            ),
+        ):
+            done = _serve_refused(tmp_path, HUB_HOST="127.0.0.1", **env)
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.startswith(says), done.stderr
+            assert "Traceback" not in done.stderr and "pw-not-shown" not in done.stderr
+    finally:
+        taken.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import signal
 import socket
@@ -625,3 +626,67 @@ async def test_a_slow_reader_is_bounded_in_bytes_too(hub_factory):
     assert i < 120, i  # 4 MiB of 60 KB events, plus what the socket buffers took
     assert await slow.close_code() == 1013
     await pusher.close()
+
+
+# -- stopping, and the workers of one `hub serve` ------------------------------
+
+
+async def test_ctrl_c_stops_workers_gracefully(hub_factory):
+    # A terminal's Ctrl-C reaches the parent and every worker at once, and the
+    # parent passes it on: the workers must still drain (1012) and close cleanly.
+    hub = hub_factory(args=["--workers", "2"], own_session=True)
+    user = new_user()
+    devices = [
+        await wait_for(lambda i=i: _try_connect(hub, user, f"d{i}"), timeout=20) for i in range(4)
+    ]
+    os.killpg(hub.proc.pid, signal.SIGINT)
+    for d in devices:
+        assert await closed_with(d, timeout=10) == 1012
+    assert hub.proc.wait(20) == 0
+    logs = hub.logs()
+    assert "Traceback" not in logs and "CancelledError" not in logs
+    # Each worker ran its whole shutdown (commits, pool, broker), not skipped it.
+    assert logs.count('"msg":"shutdown complete"') == 2, logs[-3000:]
+
+
+async def test_development_tokens_work_with_workers(hub_factory):
+    # Without a JWT setting the hub makes a development secret; its workers
+    # serve the demo's /dev/token as a single process does.
+    hub = hub_factory({"HUB_JWT_SECRET": "", "HUB_API_KEY_PEPPER": ""}, args=["--workers", "2"])
+    async with httpx.AsyncClient(base_url=hub.url, timeout=10) as client:
+        for _ in range(4):  # either worker may answer
+            r = await client.get("/dev/token", params={"user": "bob"})
+            assert r.status_code == 200, r.text
+            status = await client.get(
+                "/v1/sync/status", headers={"Authorization": f"Bearer {r.json()['token']}"}
+            )
+            assert status.status_code == 200, status.text
+
+
+async def test_a_stuck_database_does_not_hold_the_shutdown_past_its_bound(
+    hub_factory, database_url
+):
+    # PostgreSQL stops answering mid-push; on SIGTERM the push is answered
+    # 503 unavailable (to retry elsewhere) and the process exits within
+    # HUB_SHUTDOWN_TIMEOUT_S, though each statement may wait HUB_DB_TIMEOUT_S.
+    from support import TcpProxy
+
+    async with TcpProxy(urlsplit(database_url).port or 5432) as proxy:
+        env = {
+            "HUB_DATABASE_URL": proxy.url(database_url),
+            "HUB_DB_TIMEOUT_S": "30",
+            "HUB_SHUTDOWN_TIMEOUT_S": "2",
+        }
+        hub = await asyncio.to_thread(hub_factory, env)
+        user = new_user()
+        assert (await http_push(hub, user, [change("t0", stamp(), x=0)])).status_code == 200
+        proxy.freeze()
+        pushing = asyncio.create_task(http_push(hub, user, [change("t1", stamp(), x=1)]))
+        await asyncio.sleep(0.5)  # the push is waiting on the database
+        started = time.monotonic()
+        hub.proc.send_signal(signal.SIGTERM)
+        answer = await asyncio.wait_for(pushing, 10)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "unavailable"
+        await asyncio.to_thread(hub.proc.wait, 10)
+        assert time.monotonic() - started < 2 + 1.0  # the bound, and the process's own exit
