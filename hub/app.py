@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
@@ -40,7 +41,7 @@ from .broker_redis import RedisBroker
 from .committer import Committer
 from .config import Settings
 from .coordinator import Coordinators
-from .errors import RateLimited
+from .errors import BadRequest, RateLimited
 from .metrics import Metrics
 from .presence import MemoryPresence, Presence
 from .presence_redis import RedisPresence
@@ -265,6 +266,22 @@ class Hub:
         }
 
 
+class ErrorBodyCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the error body of
+    PROTOCOL.md (it answers 400 with plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refusal = bytes(response.body).decode(errors="replace")  # "Disallowed CORS origin"
+        body = BadRequest(f"{refusal}: not in this hub's CORS settings").body()
+        kept = {
+            k: v for k, v in response.headers.items() if k.startswith(("access-control-", "vary"))
+        }
+        return Response(orjson.dumps(body), 400, kept, media_type="application/json")
+
+
 def create_app(
     settings: Settings,
     *,
@@ -356,7 +373,7 @@ def create_app(
         exception_handlers={HTTPException: http.http_exception},
         middleware=[
             Middleware(
-                CORSMiddleware,
+                ErrorBodyCORSMiddleware,
                 allow_origins=list(settings.allowed_origins),
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=CORS_REQUEST_HEADERS,

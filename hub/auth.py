@@ -37,6 +37,7 @@ from typing import Any
 import jwt
 import orjson
 
+from .config import ASYMMETRIC_ALGORITHMS, HS_ALGORITHMS
 from .errors import BadRequest, TokenExpired, Unauthorized, Unavailable
 from .types import ApiKeyRecord, Principal
 
@@ -57,8 +58,6 @@ log = logging.getLogger("hub.auth")
 ALL_SCOPES = frozenset({"read", "write", "admin"})
 LEEWAY_S = 30
 MAX_USER_CHARS = 128
-HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"})
 BASE62 = string.digits + string.ascii_letters
 KEY_PREFIX = "hub_"
 KEY_ID_CHARS = 12

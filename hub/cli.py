@@ -19,7 +19,7 @@ from . import config, logs
 from .auth import make_token
 from .embedded import EmbeddedError, start_postgres, start_valkey
 from .server import HubServer, bind, run_workers, uvicorn_config
-from .store_postgres import PostgresStore
+from .store_postgres import PostgresStore, check_database
 
 __all__ = ["main"]
 
@@ -87,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"hub: cannot keep the development secret in HUB_DATA_DIR: {exc}", file=sys.stderr)
         return 2
-    problem = asyncio.run(database_problem(database_url, settings.db_timeout_s))
+    problem = asyncio.run(check_database(database_url, settings.db_timeout_s))
     if problem is not None:
         print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
         return 2
@@ -141,20 +141,6 @@ def credentials(settings: config.Settings) -> tuple[str | None, str | None]:
         settings.api_key_pepper or hashlib.sha256(b"api-key-pepper:" + secret.encode()).hexdigest()
     )
     return secret, pepper
-
-
-async def database_problem(database_url: str, timeout: float) -> str | None:
-    """Why the database cannot be used, said for an operator; None when it can."""
-    import asyncpg
-
-    try:
-        con = await asyncpg.connect(database_url, timeout=timeout)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return f"cannot connect: {type(exc).__name__}: {exc}"
-    except ValueError as exc:  # a malformed URL, as asyncpg reads it
-        return f"cannot be used: {exc}"
-    await con.close()
-    return None
 
 
 def run_one(
@@ -230,7 +216,7 @@ def with_store(
             print(f"hub: {exc}", file=sys.stderr)
             return 2
         keep.append(handle)
-    problem = asyncio.run(database_problem(database_url, settings.db_timeout_s))
+    problem = asyncio.run(check_database(database_url, settings.db_timeout_s))
     if problem is not None:
         print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
         return 2

@@ -22,6 +22,11 @@ from .protocol import Limits
 __all__ = ["ConfigError", "Settings", "add_arguments", "load"]
 
 
+# JWT algorithms by key kind: a secret signs with HS*, a JWKS with the others.
+HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"})
+
+
 class ConfigError(Exception):
     """A setting has a bad value; the message names the variable."""
 
@@ -310,8 +315,6 @@ def _check_urls(settings: Settings) -> None:
 
 
 def _check_algorithms(settings: Settings) -> None:
-    from .auth import ASYMMETRIC_ALGORITHMS, HS_ALGORITHMS
-
     if settings.jwt_algorithms is None:
         return
     allowed = ASYMMETRIC_ALGORITHMS if settings.jwks_url is not None else HS_ALGORITHMS

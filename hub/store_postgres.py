@@ -48,9 +48,9 @@ from .errors import (
 )
 from .merge import FieldState, RecordState, apply_delete, apply_upsert
 from .protocol import PullQuery
-from .types import ApiKeyRecord, Cursor, Delta, FieldWrite, PullPage, Push, PushResult
+from .types import ApiKeyRecord, Change, Cursor, Delta, FieldWrite, PullPage, Push, PushResult
 
-__all__ = ["PostgresStore", "read_schema"]
+__all__ = ["PostgresStore", "check_database", "read_schema"]
 
 log = logging.getLogger("hub.store")
 
@@ -722,7 +722,9 @@ def _merge(
     version = current + 1
     applied = 0
     written: dict[tuple[str, str], list[str]] = {}
-    deletes: set[tuple[str, str]] = set()
+    # The last change that wrote fields of each record, and the last that raised its delete stamp.
+    wrote: dict[tuple[str, str], Change] = {}
+    deleted_by: dict[tuple[str, str], Change] = {}
     for change in push.changes:
         key = (user, change.collection, change.record_id)
         record = state.get(key)
@@ -732,13 +734,14 @@ def _merge(
             assert change.hlc is not None
             if apply_delete(record, change.hlc):
                 applied += 1
-                deletes.add(key[1:])
+                deleted_by[key[1:]] = change
                 plan.records[key] = (change.hlc, version, push.device, change.origin, change.actor)
             continue
         names = apply_upsert(record, change.fields)  # FieldWrite is (name, value, hlc)
         if names:
             applied += 1
             written.setdefault(key[1:], []).extend(names)
+            wrote[key[1:]] = change
             changed: Sequence[FieldWrite] = change.fields
             if len(names) < len(changed):
                 kept = set(names)
@@ -763,7 +766,7 @@ def _merge(
             applied,
             ignored,
             prev=current,
-            deltas=None if big else _push_deltas(push, version, state, written, deletes),
+            deltas=None if big else _push_deltas(push, version, state, written, wrote, deleted_by),
             collections=tuple(sorted({c.collection for c in push.changes})),
         )
     else:
@@ -794,20 +797,20 @@ def _push_deltas(
     version: int,
     state: dict[tuple[str, str, str], RecordState],
     written: dict[tuple[str, str], list[str]],
-    deletes: set[tuple[str, str]],
+    wrote: dict[tuple[str, str], Change],
+    deleted_by: dict[tuple[str, str], Change],
 ) -> tuple[Delta, ...]:
-    """The record deltas of one push, for its change event, in record order."""
-    by_record: dict[tuple[str, str], Any] = {}
-    for change in push.changes:
-        by_record[(change.collection, change.record_id)] = change
+    """The record deltas of one push, for its change event, in record order.
+    Origin and actor are those of the change that wrote the delta's fields, or
+    with no field, of its delete (as a pull tells them)."""
     deltas = []
-    for ckey in sorted(written.keys() | deletes):
+    for ckey in sorted(wrote.keys() | deleted_by.keys()):
         record = state[(push.user, *ckey)]
-        change = by_record[ckey]
         fields = {n: (record.fields[n].value, record.fields[n].hlc) for n in written.get(ckey, ())}
         # A later delete of the same push may have hidden fields written before it.
         if record.deleted_hlc is not None:
             fields = {n: v for n, v in fields.items() if v[1] > record.deleted_hlc}
+        change = (wrote.get(ckey) if fields else None) or deleted_by.get(ckey) or wrote[ckey]
         deltas.append(
             Delta(
                 ckey[0],
@@ -822,6 +825,18 @@ def _push_deltas(
             )
         )
     return tuple(deltas)
+
+
+async def check_database(database_url: str, timeout: float) -> str | None:
+    """Why the database cannot be used, said for an operator; None when it can."""
+    try:
+        con = await asyncpg.connect(database_url, timeout=timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return f"cannot connect: {type(exc).__name__}: {exc}"
+    except ValueError as exc:  # a malformed URL, as asyncpg reads it
+        return f"cannot be used: {exc}"
+    await con.close()
+    return None
 
 
 async def _keep_session(con: asyncpg.Connection) -> None:

@@ -1035,6 +1035,10 @@ async def test_cors_allows_exactly_the_allowed_origins(shared_hub, user):
             headers={"Origin": foreign, "Access-Control-Request-Method": "POST"},
         )
         assert "access-control-allow-origin" not in refused.headers
+        # Refused in the error body every answer of the hub uses.
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "bad_request"
+        assert "origin" in refused.json()["error"]["message"]
         auth = {"Authorization": f"Bearer {token_for(user)}"}
         ok = await http.get("/v1/sync/status", headers={**auth, "Origin": allowed})
         assert ok.status_code == 200

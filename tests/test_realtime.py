@@ -635,6 +635,7 @@ async def test_ctrl_c_stops_workers_gracefully(hub_factory):
     # A terminal's Ctrl-C reaches the parent and every worker at once, and the
     # parent passes it on: the workers must still drain (1012) and close cleanly.
     hub = hub_factory(args=["--workers", "2"], own_session=True)
+    await wait_for(lambda: hub.logs().count('"msg":"broker connected"') == 2, timeout=20)
     user = new_user()
     devices = [
         await wait_for(lambda i=i: _try_connect(hub, user, f"d{i}"), timeout=20) for i in range(4)
@@ -690,3 +691,23 @@ async def test_a_stuck_database_does_not_hold_the_shutdown_past_its_bound(
         assert answer.json()["error"]["code"] == "unavailable"
         await asyncio.to_thread(hub.proc.wait, 10)
         assert time.monotonic() - started < 2 + 1.0  # the bound, and the process's own exit
+
+
+async def test_an_events_origin_is_that_of_the_change_that_altered_the_record(shared_hub, user):
+    # The delete after the upsert in the same push is older than its fields:
+    # it raises the record's delete stamp but hides none of them. The event
+    # credits the fields to their writer, as pull does.
+    receiver = await connect(shared_hub, user, "receiver")
+    pusher = await connect(shared_hub, user, "pusher")
+    older, newer = stamp(-1000), stamp()
+    upsert = {**change("t1", newer, title="milk"), "origin": "user", "actor": {"name": "alice"}}
+    delete = {"collection": "todos", "id": "t1", "op": "delete", "hlc": older}
+    delete.update(origin="agent", actor={"name": "bot"})
+    ack = await pusher.push([upsert, delete])
+    assert ack["type"] == "ack", ack
+    (delta,) = (await receiver.expect("change"))["changes"]
+    pulled = [d for d in await pull_all_http(shared_hub, user) if d["id"] == "t1"]
+    assert (delta["origin"], delta["actor"]) == ("user", {"name": "alice"})
+    assert (pulled[0]["origin"], pulled[0]["actor"]) == ("user", {"name": "alice"})
+    await receiver.close()
+    await pusher.close()
