@@ -51,6 +51,11 @@ class Broker(Protocol):
 
     def unsubscribe(self, user: str) -> None: ...
 
+    def live(self, user: str) -> asyncio.Future[None]:
+        """Resolves once ``user``'s subscription is live: at once when it is, or
+        when the transport confirms it (again, after a reconnect)."""
+        ...
+
     async def probe(self, timeout: float) -> dict[str, Any]:
         """A round trip through the transport: ``{"ok": bool, ...}`` for /health."""
         ...

@@ -52,5 +52,10 @@ class MemoryBroker:
     def unsubscribe(self, user: str) -> None:
         self._handlers.pop(user, None)
 
+    def live(self, user: str) -> asyncio.Future[None]:
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ready.set_result(None)
+        return ready
+
     async def probe(self, timeout: float) -> dict[str, Any]:
         return {"ok": True, "kind": self.kind}

@@ -311,14 +311,19 @@ class RedisBroker:
 
     def subscribe(self, user: str, handler: Handler) -> asyncio.Future[None]:
         """Subscribe; the future resolves once Redis confirmed the subscription."""
+        self._handlers[channel(user)] = handler
+        ready = self.live(user)
+        if not ready.done():
+            self._schedule_sync()
+        return ready
+
+    def live(self, user: str) -> asyncio.Future[None]:
         ch = channel(user)
-        self._handlers[ch] = handler
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if ch in self._confirmed:
             ready.set_result(None)
         else:
             self._waiting.setdefault(ch, []).append(ready)
-            self._schedule_sync()
         return ready
 
     def unsubscribe(self, user: str) -> None:

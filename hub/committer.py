@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 from .errors import HubError, Unavailable
 from .metrics import Metrics
@@ -47,6 +48,9 @@ class Committer:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Told of a push committed after its future was answered (abandoned at
+        # shutdown): its event is still to be published.
+        self.on_late_commit: Callable[[Push, PushResult], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-committer")
@@ -115,8 +119,10 @@ class Committer:
                 results = [HubError("the push could not be stored") for _ in batch]
             if self.metrics is not None:
                 self._observe(batch, results, began)
-            for (_, future, _), result in zip(batch, results, strict=True):
+            for (push, future, _), result in zip(batch, results, strict=True):
                 if future.done():
+                    if isinstance(result, PushResult) and self.on_late_commit is not None:
+                        self.on_late_commit(push, result)
                     continue
                 if isinstance(result, HubError):
                     future.set_exception(result)

@@ -304,8 +304,8 @@ def _check_urls(settings: Settings) -> None:
         if url is None:
             continue
         parts = urlsplit(url)
-        try:
-            port_ok = parts.port is None or parts.port > 0
+        try:  # (several hosts, "h1:5432,h2:5432", are for the driver to read)
+            port_ok = "," in parts.netloc or parts.port is None or parts.port > 0
         except ValueError:
             port_ok = False
         if parts.scheme not in schemes or not port_ok:

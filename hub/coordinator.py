@@ -105,7 +105,6 @@ class Coordinator:
     def __init__(self, user: str) -> None:
         self.user = user
         self.connections: dict[str, Receiver] = {}
-        self.subscribed: asyncio.Future[None] | None = None  # resolved once the broker's is live
 
     def deliver(self, event: Event) -> tuple[int, int]:
         """Send an event to every local connection but its origin; how many got
@@ -145,6 +144,9 @@ class Coordinators:
         metrics: Metrics | None = None,
     ) -> None:
         self.committer = committer
+        # A push answered 'unavailable' at shutdown that commits all the same:
+        # its event goes out (to every connection: the pusher's is closing).
+        committer.on_late_commit = lambda push, result: self._publish(push, None, result)
         self.broker = broker
         self.max_event_bytes = max_event_bytes
         self.max_connections_per_user = max_connections_per_user
@@ -175,16 +177,13 @@ class Coordinators:
             return None
         first = not coordinator.connections
         coordinator.connections[conn.id] = conn
+        user = conn.user
         if first:
-            user = conn.user
-            coordinator.subscribed = self.broker.subscribe(
-                user, lambda payload: self._received(user, payload)
-            )
-        # Every connection waits for the same subscription: a second one that
-        # came while it was on its way would otherwise miss what is published
-        # before Redis confirms it.
-        assert coordinator.subscribed is not None
-        return coordinator.subscribed
+            return self.broker.subscribe(user, lambda payload: self._received(user, payload))
+        # Every connection waits until the subscription is live: a second one
+        # that came while it was on its way (or while the broker reconnects)
+        # would otherwise miss what is published before Redis confirms it.
+        return self.broker.live(user)
 
     def detach(self, conn: Receiver) -> None:
         coordinator = self.users.get(conn.user)
@@ -211,7 +210,9 @@ class Coordinators:
     ) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        result = future.result()
+        self._publish(push, origin, future.result())
+
+    def _publish(self, push: Push, origin: str | None, result: PushResult) -> None:
         if not result.applied or result.replay:
             return
         try:

@@ -74,6 +74,7 @@ EXPONENT_RE = re.compile(rb"[0-9][eE][-+]?[0-9]")
 # digit before an exponent mark. (One search; faster here than two `in`s.)
 DOUBT_RE = re.compile(rb"\\u0000|[0-9][eE]")
 MAX_VALUE_DEPTH = 128  # arrays and objects inside each other, in one value
+MAX_FRACTION_DIGITS = 16383  # what PostgreSQL's numeric keeps after the decimal point
 ORIGINS = frozenset({"user", "agent", "system", "migration"})
 CHANGE_KEYS = frozenset({"collection", "id", "op", "fields", "hlc", "actor", "origin"})
 MAX_ID_CHARS = 128
@@ -117,7 +118,7 @@ def loads(data: bytes | str, *, exact: bool = False) -> Any:
     try:
         if exact and _may_round(raw.translate(NUMBER_CHARS)):
             doc = json.loads(
-                raw, parse_float=Decimal, parse_int=_exact_int, parse_constant=_no_constant
+                raw, parse_float=_exact_float, parse_int=_exact_int, parse_constant=_no_constant
             )
         elif not exact and LONG_DIGITS in raw.translate(DIGITS_ONLY):
             doc = json.loads(raw, parse_constant=_no_constant)
@@ -135,6 +136,15 @@ def _no_constant(name: str) -> Any:
     raise BadRequest(f"malformed JSON: {name} is not a JSON value")
 
 
+def _exact_float(text: str) -> float | Decimal:
+    # A number a double holds is read as one, exactly as orjson would read it
+    # (so it is spelled the same whichever way its push was read); any other
+    # is kept digit for digit.
+    number = Decimal(text)
+    double = float(text)
+    return double if math.isfinite(double) and Decimal(repr(double)) == number else number
+
+
 def _exact_int(text: str) -> int | Decimal:
     number = int(text)
     return number if number in INT_RANGE else Decimal(text)
@@ -148,6 +158,10 @@ def _exact_number(value: Any) -> Any:
 
 
 class _TooDeep(ValueError):
+    pass
+
+
+class _Unstorable(ValueError):
     pass
 
 
@@ -196,6 +210,10 @@ def _written_out_excess(value: Any) -> int:
         number = Decimal(text)
         _, digits, exponent = number.as_tuple()
         assert isinstance(exponent, int)
+        if -exponent > MAX_FRACTION_DIGITS:
+            raise _Unstorable(
+                f"a number has more than {MAX_FRACTION_DIGITS} digits after the point"
+            )
         if exponent >= 0:  # digits then zeros
             full = len(digits) + exponent
         elif -exponent >= len(digits):  # "0." then zeros then digits
@@ -240,7 +258,10 @@ def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
         )
     size = len(encoded)
     if EXPONENT_RE.search(encoded) is not None:
-        size += _written_out_excess(value)
+        try:
+            size += _written_out_excess(value)
+        except _Unstorable as exc:
+            raise InvalidChange(str(exc), index=index, field=what) from None
     if size > limit:
         raise InvalidChange(
             f"encoded value is {size} bytes (numbers written out in full), the limit is {limit}"

@@ -125,8 +125,10 @@ class HeartbeatProtocol(WebSocketsSansIOProtocol):
             return
         if self.heard_at >= self.ping_sent_at:
             # No pong, but the peer spoke since the ping: alive (PROTOCOL.md:
-            # only a peer that answers nothing, no pong and no message, is closed).
-            self.schedule_ping()
+            # only a peer that answers nothing, no pong and no message, is
+            # closed). Ping again now, so that silence from here on is found
+            # within two intervals of its last sign of life.
+            self.send_keepalive_ping()
             return
         self.conn.fail(WS_4000_HEARTBEAT_TIMEOUT, "heartbeat timeout")
         self.transport.write(b"".join(self.conn.data_to_send()))

@@ -722,8 +722,8 @@ def _merge(
     version = current + 1
     applied = 0
     written: dict[tuple[str, str], list[str]] = {}
-    # The last change that wrote fields of each record, and the last that raised its delete stamp.
-    wrote: dict[tuple[str, str], Change] = {}
+    # The change that last wrote each field, and the last that raised each delete stamp.
+    wrote: dict[tuple[str, str, str], Change] = {}
     deleted_by: dict[tuple[str, str], Change] = {}
     for change in push.changes:
         key = (user, change.collection, change.record_id)
@@ -741,7 +741,8 @@ def _merge(
         if names:
             applied += 1
             written.setdefault(key[1:], []).extend(names)
-            wrote[key[1:]] = change
+            for name in names:
+                wrote[(*key[1:], name)] = change
             changed: Sequence[FieldWrite] = change.fields
             if len(names) < len(changed):
                 kept = set(names)
@@ -797,20 +798,23 @@ def _push_deltas(
     version: int,
     state: dict[tuple[str, str, str], RecordState],
     written: dict[tuple[str, str], list[str]],
-    wrote: dict[tuple[str, str], Change],
+    wrote: dict[tuple[str, str, str], Change],
     deleted_by: dict[tuple[str, str], Change],
 ) -> tuple[Delta, ...]:
     """The record deltas of one push, for its change event, in record order.
-    Origin and actor are those of the change that wrote the delta's fields, or
-    with no field, of its delete (as a pull tells them)."""
+    Origin and actor are those of the change that wrote the delta's first
+    field by name, or with no field, of its delete (as a pull tells them)."""
     deltas = []
-    for ckey in sorted(wrote.keys() | deleted_by.keys()):
+    for ckey in sorted(written.keys() | deleted_by.keys()):
         record = state[(push.user, *ckey)]
         fields = {n: (record.fields[n].value, record.fields[n].hlc) for n in written.get(ckey, ())}
         # A later delete of the same push may have hidden fields written before it.
         if record.deleted_hlc is not None:
             fields = {n: v for n, v in fields.items() if v[1] > record.deleted_hlc}
-        change = (wrote.get(ckey) if fields else None) or deleted_by.get(ckey) or wrote[ckey]
+        if fields:
+            change = wrote[(*ckey, min(fields))]
+        else:  # hidden again by a delete of the same push
+            change = deleted_by.get(ckey) or wrote[(*ckey, written[ckey][-1])]
         deltas.append(
             Delta(
                 ckey[0],

@@ -445,8 +445,10 @@ class TcpProxy:
         for flow in self._flows:
             flow["frozen"] = True
 
-    def cut(self) -> None:
-        self._cut = True
+    def cut(self, refuse: bool = True) -> None:
+        """Close every flow; with ``refuse``, refuse new ones too (the server is
+        gone), else let them through (a network blip)."""
+        self._cut = refuse
         for flow in self._flows:
             for writer in flow["writers"]:
                 writer.close()

@@ -167,5 +167,8 @@ async def test_abandon_answers_every_push_not_answered_yet():
     assert committer.pending() == 0
     with pytest.raises(Unavailable):
         committer.enqueue(push("carol", "c1"))
-    store.gates[0].set()  # the stuck commit ends after all: nothing breaks
+    late: list[tuple[str, int]] = []
+    committer.on_late_commit = lambda p, result: late.append((p.key or "", result.version))
+    store.gates[0].set()  # the stuck commit ends after all: its event is still due
     await asyncio.wait_for(committer.close(), 1)
+    assert late == [("a1", 1)]  # the queued push was never committed

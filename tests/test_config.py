@@ -269,6 +269,7 @@ def test_urls_and_algorithms_are_checked_at_start_up(env: dict[str, str], names:
     [
         {"HUB_DATABASE_URL": "postgresql://hub:pw@db.internal:5432/hub?sslmode=require"},
         {"HUB_DATABASE_URL": "postgres:///hub?host=/var/run/postgresql"},
+        {"HUB_DATABASE_URL": "postgresql://hub:pw@db1:5432,db2:5432/hub"},
         {"HUB_REDIS_URL": "rediss://:pw@cache:6380/0"},
         {"HUB_REDIS_URL": "unix:///run/redis.sock"},
         {"HUB_JWKS_URL": "https://idp.example.com/.well-known/jwks.json"},

@@ -342,6 +342,24 @@ def test_values_that_would_not_stay_within_the_limits_are_refused(
     assert mentions in info.value.message
 
 
+@pytest.mark.parametrize("raw_value", [b"1e-16384", b"[1, 2.5e-16384]", b"1.5E-16383"])
+def test_numbers_postgresql_cannot_store_are_refused_naming_the_field(raw_value: bytes) -> None:
+    # numeric keeps at most 16383 digits after the point; passed on, the whole
+    # batch of every user would fail in the database.
+    with pytest.raises(InvalidChange, match=re.escape("changes[0].fields.t: a number has more")):
+        http(push_of_value(raw_value))
+
+
+def test_numbers_are_read_the_same_whatever_else_the_push_holds() -> None:
+    # A 16-digit run elsewhere (an id) makes the hub read numbers exactly; the
+    # ones a double holds must still come out as they do otherwise.
+    plain = push_of_value(b"[1.5e3,2.50,1e-7,0.1,-0.0]")
+    with_digits = plain.replace(b'"id":"i"', b'"id":"1234567890123456"')
+    assert with_digits != plain
+    (a,), (b,) = http(plain).changes, http(with_digits).changes
+    assert a.fields[0].value == b.fields[0].value == "[1500.0,2.5,1e-7,0.1,-0.0]"
+
+
 def test_value_nested_128_deep_is_accepted() -> None:
     (change,) = http(push_of_value(b"[" * 128 + b"]" * 128)).changes
     assert change.fields[0].value == "[" * 128 + "]" * 128
