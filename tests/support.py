@@ -423,6 +423,7 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._flows: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._cut = False
 
     async def __aenter__(self) -> TcpProxy:
@@ -434,6 +435,15 @@ class TcpProxy:
         self.cut()
         assert self._server is not None
         self._server.close()
+        # Flows still being made or forwarded end here, each closing its sockets.
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for flow in self._flows:
+            for writer in flow["writers"]:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
 
     def url(self, scheme_url: str) -> str:
         """``scheme_url`` (a URL of the target) pointed at this proxy."""
@@ -457,9 +467,13 @@ class TcpProxy:
         if self._cut:
             client_w.close()
             return
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        flow: dict[str, Any] = {"frozen": False, "writers": [client_w, server_w]}
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        flow: dict[str, Any] = {"frozen": False, "writers": [client_w]}
         self._flows.append(flow)
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        flow["writers"].append(server_w)
         loop = asyncio.get_running_loop()
 
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, delay: float) -> None:
