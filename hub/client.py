@@ -38,6 +38,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -99,6 +100,7 @@ PUSHES_IN_FLIGHT = 16  # the hub allows 64 per connection
 PULL_LIMIT = 500
 REQUEST_TIMEOUT_S = 30.0
 GAP_GRACE_S = 1.0
+REFRESH_MIN_INTERVAL_S = 15.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 MAX_ATTEMPT = 16  # beyond it the backoff is at its cap anyway
@@ -578,6 +580,7 @@ class HubClient:
         self._pulling = False
         self._pull_wanted = asyncio.Event()
         self._push_wake = asyncio.Event()
+        self._refreshed_at = -math.inf  # when a fresh token was last sent
         self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._fatal: BaseException | None = None
@@ -773,7 +776,10 @@ class HubClient:
         """Every update applied from this call on, in order; ends when the
         client closes. Falling more than ``limit`` behind raises
         :class:`ChangesOverflow` (re-read the state, then iterate anew)."""
-        return _Subscription(self._subscriptions, limit)
+        subscription = _Subscription(self._subscriptions, limit)
+        if isinstance(self._stopped, ClientClosed):
+            subscription.put(None)  # closed already: it ends at once
+        return subscription
 
     # -- applying -----------------------------------------------------------------------
 
@@ -871,9 +877,14 @@ class HubClient:
     # -- the disk -----------------------------------------------------------------------
 
     def _on_disk(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run ``fn`` on the disk thread; submitted now, so jobs run in call order."""
+        """Run ``fn`` on the disk thread; submitted now, so jobs run in call order.
+
+        Shielded: a caller cancelled while waiting (a connection that ends, a
+        cancelled ``upsert``) must not unqueue a write whose change the
+        replica in memory already holds; ``close`` waits for every job.
+        """
         assert self._disk is not None
-        return asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+        return asyncio.shield(asyncio.get_running_loop().run_in_executor(self._disk, fn, *args))
 
     def _commit(self, commit: Commit) -> asyncio.Future[None]:
         if self._file is None:
@@ -1051,7 +1062,14 @@ class HubClient:
             await self._on_push_error(mid, message)
         elif kind == "error":
             log.warning("the hub reported %s: %s", message.get("code"), message.get("message"))
-        elif kind == "auth_expiring" and callable(self._credential):
+        elif (
+            kind == "auth_expiring"
+            and callable(self._credential)
+            and time.monotonic() - self._refreshed_at >= REFRESH_MIN_INTERVAL_S
+        ):
+            # (At most one refresh per interval: a token minted with less than
+            # a minute to live is warned about at once, again and again.)
+            self._refreshed_at = time.monotonic()
             task = asyncio.create_task(self._refresh(ws), name="hub-client-auth")
             helpers.add(task)
             task.add_done_callback(helpers.discard)
@@ -1089,13 +1107,43 @@ class HubClient:
             log.info("push %s got %s; retrying", push_id, code)
             self._push_wake.set()
             return
-        # Retrying cannot help: drop it, and resync so the replica forgets it too.
-        del self._batches[push_id]
-        await self._commit(Commit(acked=push_id))
-        changes = [e.change for e in batch.entries]
+        entries = batch.entries
+        details = message.get("details")
+        index = details.get("index") if isinstance(details, dict) else None
+        if code == "payload_too_large" and len(entries) > 1:
+            # The hub takes fewer changes in one push than this one holds (its
+            # limits may be lower than the client's): the same changes, in two.
+            log.info("push %s was too large for the hub; splitting it", push_id)
+            half = len(entries) // 2
+            await self._rebatch(push_id, [entries[:half], entries[half:]])
+            return
+        refused = entries
+        if code == "invalid_change" and isinstance(index, int) and 0 <= index < len(entries):
+            # One change is refused (the hub's limits may differ from the
+            # client's): the others go again, under a new push id.
+            refused = [entries[index]]
+            await self._rebatch(push_id, [entries[:index] + entries[index + 1 :]])
+        else:
+            del self._batches[push_id]
+            await self._commit(Commit(acked=push_id))
+        # Retrying cannot help: resync, so that the replica forgets what was refused.
+        changes = [e.change for e in refused]
         self._report(PushRejected(push_id, code, str(message.get("message")), changes))
         self._resync_wanted = True
         self._want_pull()
+
+    async def _rebatch(self, push_id: str, groups: list[list[_Entry]]) -> None:
+        """Replace an unacked push by pushes of ``groups`` of its changes, each
+        under a new id; outbox rows left with the old id (refused) go."""
+        del self._batches[push_id]
+        for entries in groups:
+            if not entries:
+                continue
+            new_id = self._push_id(entries[0].seq)
+            self._batches[new_id] = _Batch(new_id, entries)
+            await self._commit(Commit(assigned=(new_id, [e.seq for e in entries])))
+        await self._commit(Commit(acked=push_id))
+        self._push_wake.set()
 
     async def _refresh(self, ws: ClientConnection) -> None:
         """Send a fresh token before the connection's one expires."""
@@ -1112,6 +1160,8 @@ class HubClient:
             if batch is None:
                 retries = [b.retry_at for b in self._batches.values() if not b.in_flight]
                 wait = max(0.0, min(retries) - now) if retries else None
+                if self._in_flight >= PUSHES_IN_FLIGHT:
+                    wait = None  # an ack or an error makes room, and wakes this
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._push_wake.wait(), wait)
                 continue
@@ -1136,15 +1186,19 @@ class HubClient:
             return None, False
         entries: list[_Entry] = []
         size = 0
-        while self._loose and len(entries) < PUSH_BATCH_CHANGES:
+        most = min(PUSH_BATCH_CHANGES, self._limits.max_changes_per_push)
+        while self._loose and len(entries) < most:
             entry_size = len(_dumps(self._loose[0].change))
             if entries and size + entry_size > PUSH_BATCH_BYTES:
                 break
             entries.append(self._loose.pop(0))
             size += entry_size
-        push_id = f"{self.device[:24]}-{secrets.token_hex(8)}-{entries[0].seq}"[:64]
+        push_id = self._push_id(entries[0].seq)
         batch = self._batches[push_id] = _Batch(push_id, entries)
         return batch, True
+
+    def _push_id(self, seq: int) -> str:
+        return f"{self.device[:24]}-{secrets.token_hex(8)}-{seq}"[:64]
 
     # -- pulling ------------------------------------------------------------------------
 

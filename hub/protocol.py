@@ -257,7 +257,8 @@ def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
             f"nested more than {MAX_VALUE_DEPTH} arrays or objects deep", index=index, field=what
         )
     size = len(encoded)
-    if EXPONENT_RE.search(encoded) is not None:
+    exponents = EXPONENT_RE.search(encoded) is not None
+    if exponents:
         try:
             size += _written_out_excess(value)
         except _Unstorable as exc:
@@ -274,7 +275,26 @@ def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
     # cheap byte search finds every candidate and the walk rules out look-alikes.
     if b"\\u0000" in encoded and _has_nul(value):
         raise InvalidChange("strings may not contain U+0000", index=index, field=what)
+    if exponents:
+        # Spelled as jsonb spells it (no exponents), so that the event, the
+        # pusher's own replica and a later pull read the same number:
+        # 2.5e+300 is an integer of 301 digits once stored.
+        encoded = orjson.dumps(_written_out(value), default=_exact_number)
     return encoded.decode()
+
+
+def _written_out(value: Any) -> Any:
+    """``value`` with each number that has an exponent as its plain digits."""
+    if isinstance(value, float) and math.isfinite(value) or isinstance(value, Decimal):
+        text = _dumps_value(value).decode()
+        if "e" in text or "E" in text:
+            return orjson.Fragment(format(Decimal(text), "f").encode())
+        return value
+    if isinstance(value, list):
+        return [_written_out(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _written_out(v) for k, v in value.items()}
+    return value
 
 
 def _stamp(value: Any, index: int, what: str, now_ms: int, max_drift_ms: int) -> str:
@@ -621,14 +641,22 @@ def push_digest(changes: Any) -> bytes:
 
 
 def error_message(
-    code: str, message: str, mid: str | None = None, retry_after: float | None = None
+    code: str,
+    message: str,
+    mid: str | None = None,
+    retry_after: float | None = None,
+    details: Any = None,
 ) -> str:
-    """An ``error`` message; ``retry_after`` (seconds) for rate_limited and unavailable."""
+    """An ``error`` message; ``retry_after`` (seconds) for rate_limited and
+    unavailable; ``details`` as an HTTP error has them (for invalid_change, the
+    ``index`` of the change at fault and its ``field``)."""
     body: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if mid is not None:
         body["id"] = mid
     if retry_after is not None:
         body["retry_after"] = round(retry_after, 3)
+    if details is not None:
+        body["details"] = details
     return orjson.dumps(body).decode()
 
 
@@ -645,4 +673,4 @@ def ack_message(mid: str, version: int, applied: int, ignored: int, replay: bool
 def error_of(error: HubError, mid: str | None = None) -> str:
     """The ``error`` message for a hub error."""
     retry_after = getattr(error, "retry_after", None)
-    return error_message(error.code, error.message, mid, retry_after)
+    return error_message(error.code, error.message, mid, retry_after, error.details)

@@ -465,3 +465,105 @@ async def test_a_data_file_belongs_to_one_open_client_and_one_device(tmp_path: P
     other = HubClient(offline, token_for(user), "tablet", data_path=tmp_path / "phone.db")
     with pytest.raises(DataFileError):
         await other.start()
+
+
+# -- what the local file keeps, and pushes the hub takes only in part -------------------
+
+
+async def test_a_cancelled_writer_leaves_the_file_as_the_replica(tmp_path: Path) -> None:
+    # An app task writing offline is cancelled mid-way: every change the
+    # replica shows is in the data file too, and queued for the hub.
+    user = new_user()
+    offline = closed_port_url()
+    async with client(offline, user, "phone", tmp_path) as phone:
+
+        async def writing() -> None:
+            for i in range(1000):
+                await phone.upsert("todos", f"t{i}", title="x" * 100)
+
+        task = asyncio.create_task(writing())
+        await wait_for(lambda: phone.pending >= 100, WAIT_S)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        shown, pending = len(phone.records("todos")), phone.pending
+    async with client(offline, user, "phone", tmp_path) as phone:
+        assert (len(phone.records("todos")), phone.pending) == (shown, pending)
+
+
+async def test_a_hub_taking_fewer_changes_per_push_gets_them_all(
+    hub_factory: Any, tmp_path: Path
+) -> None:
+    hub = hub_factory({"HUB_MAX_CHANGES_PER_PUSH": "50"})
+    user = new_user()
+    errors: list[Any] = []
+    async with client(closed_port_url(), user, "phone", tmp_path) as phone:
+        for i in range(120):
+            await phone.upsert("todos", f"t{i}", n=i)
+    async with client(hub.url, user, "phone", tmp_path, on_error=errors.append) as phone:
+        await phone.synced(WAIT_S)
+        assert phone.pending == 0 and not errors
+    assert len(await server_state(hub, user)) == 120
+
+
+async def test_one_refused_change_does_not_take_the_others_with_it(
+    hub_factory: Any, tmp_path: Path
+) -> None:
+    # The hub's value limit is below the client's: one change is refused,
+    # the ones pushed with it are stored, and the refused one is undone here.
+    hub = hub_factory({"HUB_MAX_VALUE_BYTES": "1000"})
+    user = new_user()
+    errors: list[Any] = []
+    async with client(closed_port_url(), user, "phone", tmp_path) as phone:
+        await phone.upsert("todos", "a", title="fine")
+        await phone.upsert("todos", "big", title="x" * 2000)
+        await phone.upsert("todos", "b", title="fine too")
+    async with client(hub.url, user, "phone", tmp_path, on_error=errors.append) as phone:
+        await wait_for(lambda: errors, WAIT_S)
+        await phone.synced(WAIT_S)
+        assert [e.code for e in errors] == ["invalid_change"]
+        assert [c["id"] for c in errors[0].changes] == ["big"]
+        assert set(phone.records("todos")) == {"a", "b"}
+    assert set(await server_state(hub, user)) == {("todos", "a"), ("todos", "b")}
+
+
+async def test_short_lived_tokens_are_not_refreshed_over_and_over(
+    shared_hub: HubProcess, tmp_path: Path
+) -> None:
+    # Each token lives 45 s, so the hub warns at once that it expires within a
+    # minute: the client refreshes, but not at every warning.
+    user = new_user()
+    calls: list[float] = []
+
+    def fetch_token() -> str:
+        calls.append(time.time())
+        return hs_token(user, int(time.time()) + 45)
+
+    async with HubClient(shared_hub.url, fetch_token, "d", data_path=tmp_path / "d.db") as d:
+        await d.synced(WAIT_S)
+        await wait_for(lambda: len(calls) >= 2, WAIT_S)  # connect, then one refresh
+        await asyncio.sleep(2)  # what a loop would have made of it meanwhile
+        assert len(calls) <= 3, len(calls)
+        await d.upsert("todos", "t1", title="works")
+        await d.synced(WAIT_S)
+
+
+async def test_numbers_read_the_same_on_the_writer_and_on_a_puller(
+    shared_hub: HubProcess, tmp_path: Path
+) -> None:
+    user = new_user()
+    async with client(shared_hub.url, user, "writer", tmp_path) as writer:
+        await writer.upsert("todos", "t1", big=2.5e300, small=1e-7, plain=1.5)
+        await writer.synced(WAIT_S)
+        mine = writer.get("todos", "t1")
+    async with client(shared_hub.url, user, "newcomer", tmp_path) as newcomer:
+        await newcomer.synced(WAIT_S)
+        assert newcomer.get("todos", "t1") == mine
+        assert mine is not None and mine["big"] == 25 * 10**299
+
+
+async def test_an_iterator_made_after_close_ends(tmp_path: Path) -> None:
+    phone = client(closed_port_url(), new_user(), "phone", tmp_path)
+    await phone.start()
+    await phone.close()
+    assert [u async for u in phone.changes()] == []

@@ -357,7 +357,7 @@ def test_numbers_are_read_the_same_whatever_else_the_push_holds() -> None:
     with_digits = plain.replace(b'"id":"i"', b'"id":"1234567890123456"')
     assert with_digits != plain
     (a,), (b,) = http(plain).changes, http(with_digits).changes
-    assert a.fields[0].value == b.fields[0].value == "[1500.0,2.5,1e-7,0.1,-0.0]"
+    assert a.fields[0].value == b.fields[0].value == "[1500.0,2.5,0.0000001,0.1,-0.0]"
 
 
 def test_value_nested_128_deep_is_accepted() -> None:
@@ -628,7 +628,11 @@ def test_version_cursor_round_trip(version: int) -> None:
 @given(
     versions,
     st.text(alphabet="abcXYZ019_.-", min_size=1, max_size=64),
-    st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=128),  # as ids are
+    st.text(
+        st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+        min_size=1,
+        max_size=128,
+    ),  # as ids are
 )
 def test_position_cursor_round_trip(version: int, collection: str, record_id: str) -> None:
     text = encode_cursor(Cursor(version, collection, record_id))
