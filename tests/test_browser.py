@@ -13,13 +13,14 @@ Playwright never downloads a browser here: it drives the system's Chromium.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ from hub.merge import RecordState, Replica, apply_delete, apply_upsert
 from hub.types import Delta
 
 try:
-    from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+    from playwright.sync_api import (
+        Browser,
+        BrowserContext,
+        Page,
+        WebSocketRoute,
+        expect,
+        sync_playwright,
+    )
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
@@ -183,10 +191,14 @@ class Devices:
         self.contexts.append(context)
         return context
 
-    def open(self, context: BrowserContext, user: str) -> Page:
+    def open(self, context: BrowserContext, user: str | None, relay: Relay | None = None) -> Page:
+        """A tab of the demo for ``user``, or (``user`` None) a bare page of the
+        hub's origin; with ``relay``, its WebSockets go through the relay."""
         page = context.new_page()
         page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
-        page.goto(f"{self.hub.url}/?user={user}")
+        if relay is not None:
+            page.route_web_socket("**/v1/ws", relay)
+        page.goto(f"{self.hub.url}/?user={user}" if user else f"{self.hub.url}/health/live")
         return page
 
     def shot(self, page: Page, label: str) -> None:
@@ -535,3 +547,451 @@ def test_a_revoked_device_stops_reconnecting(devices: Devices) -> None:
     assert [d["connections"] for d in hub.devices(user) if d["device"] == device] == [0]
     assert titles(page) == ["Kept locally"]
     devices.shot(page, "revoked")
+
+
+# -- what goes wrong between the hub and a device ------------------------------------------------
+
+
+class Relay:
+    """Relays a page's WebSocket to the hub message by message, so that a test
+    can make the hub's answers come late, come as errors, or not come at all.
+
+    - ``refuse_connections``: that many connections are closed with 1013 at the
+      auth message, as the hub does while its database is down;
+    - ``refuse_pulls``: error codes the next pulls are answered with, with
+      ``retry_after``, as the hub answers them when busy;
+    - ``hold_pulls``: that many answers to pulls from a cursor (not from 0) are
+      kept in ``held`` until :meth:`release`;
+    - ``after_welcome``: messages sent to the page right after a welcome.
+    """
+
+    def __init__(self) -> None:
+        self.refuse_connections = 0
+        self.refuse_pulls: list[str] = []
+        self.hold_pulls = 0
+        self.held: list[tuple[WebSocketRoute, str]] = []
+        self.after_welcome: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+        self.pulls: dict[str, Any] = {}  # pull id -> since
+
+    def __call__(self, ws: WebSocketRoute) -> None:
+        if self.refuse_connections > 0:
+            self.refuse_connections -= 1
+            ws.on_message(
+                lambda _: ws.close(code=1013, reason="the database is unavailable; retry")
+            )
+            return
+        hub = ws.connect_to_server()
+
+        def from_page(text: str | bytes) -> None:
+            message = json.loads(text)
+            if message.get("type") == "pull":
+                self.pulls[message["id"]] = message["since"]
+                if self.refuse_pulls:
+                    refusal = {
+                        "type": "error",
+                        "code": self.refuse_pulls.pop(0),
+                        "message": "try again later",
+                        "id": message["id"],
+                        "retry_after": 0.2,
+                    }
+                    ws.send(json.dumps(refusal))
+                    return
+            hub.send(text)
+
+        def from_hub(text: str | bytes) -> None:
+            message = json.loads(text)
+            kind = message.get("type")
+            if kind == "changes" and self.hold_pulls > 0 and self.pulls.get(message["id"]) != 0:
+                self.hold_pulls -= 1
+                self.held.append((ws, str(text)))
+                return
+            ws.send(text)
+            if kind == "welcome" and self.after_welcome is not None:
+                for extra in self.after_welcome(message):
+                    ws.send(json.dumps(extra))
+
+        ws.on_message(from_page)
+        hub.on_message(from_hub)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for ws, text in held:
+            ws.send(text)
+
+
+def wait_until(page: Page, condition: Callable[[], bool], what: str) -> None:
+    """Wait for a condition on this side (the relay's), letting Playwright's events run."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        page.wait_for_timeout(20)
+
+
+def watch(page: Page) -> None:
+    """Keep the client's events from now on in ``window.seen``."""
+    page.evaluate(
+        """() => {
+            window.seen = {errors: [], closes: [], sources: [], states: []};
+            window.hub.on('error', (d) => window.seen.errors.push(d));
+            window.hub.on('disconnect', (d) => window.seen.closes.push(d));
+            window.hub.on('change', (d) => window.seen.sources.push(d.source));
+            window.hub.on('status', (d) => window.seen.states.push(d.state));
+        }"""
+    )
+
+
+def stamp(device: str = "other") -> str:
+    return f"{time.time_ns() // 1_000_000:013d}-0000-{device}"
+
+
+def todo(record_id: str, title: str, **more: Any) -> dict[str, Any]:
+    """An upsert of a todo as pushed, stamped now by the device ``other``."""
+    now = stamp()
+    fields = {"title": {"value": title, "hlc": now}}
+    fields.update({name: {"value": value, "hlc": now} for name, value in more.items()})
+    return {"collection": "todos", "id": record_id, "op": "upsert", "fields": fields}
+
+
+def http_push(hub: DevHub, user: str, changes: list[dict[str, Any]]) -> None:
+    """A push by another device of the user, over HTTP."""
+    answer = httpx.post(
+        f"{hub.url}/v1/sync/push",
+        json={"device": "other", "changes": changes},
+        headers={"Authorization": f"Bearer {hub.token(user)}"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+
+
+def queue_unchecked(page: Page, change: dict[str, Any]) -> None:
+    """Put a change straight into the outbox, as a client without today's checks
+    of upsert may have left it there."""
+    page.evaluate(
+        """(change) => new Promise((resolve, reject) => {
+            const tx = window.hub.db.transaction('outbox', 'readwrite');
+            tx.objectStore('outbox').add({change, batch: ''});
+            tx.oncomplete = () => resolve();
+            tx.onerror = () => reject(tx.error);
+        })""",
+        change,
+    )
+
+
+def hub_titles(hub: DevHub, user: str) -> list[str]:
+    state = server_state(hub, user)
+    return sorted(fields["title"][0] for (_, _), (fields, _) in state.items() if "title" in fields)
+
+
+def test_changes_the_hub_would_refuse_throw_before_anything_is_written(devices: Devices) -> None:
+    """upsert and delete check what the hub checks: a change they take is one
+    the hub takes, and one they refuse leaves no trace."""
+    hub = devices.hub
+    user = new_user()
+    page = devices.open(devices.new(), user)
+    wait_synced(page, 0)
+    watch(page)
+    refused = page.evaluate(
+        """async () => {
+            const deep = (n) => JSON.parse('['.repeat(n) + ']'.repeat(n));
+            const big = {};
+            for (let i = 0; i < 17; i++) big['part' + i] = 'x'.repeat(63 * 1024);
+            const writes = {
+                origin: () => hub.upsert('things', 'a', {t: 'x'}, {origin: 'robot'}),
+                deleteOrigin: () => hub.delete('things', 'a', {origin: 'robot'}),
+                nul: () => hub.upsert('things', 'a', {t: 'a\\u0000b'}),
+                nulKey: () => hub.upsert('things', 'a', {t: {'k\\u0000': 1}}),
+                nulId: () => hub.upsert('things', 'a\\u0000', {t: 1}),
+                nulActor: () => hub.upsert('things', 'a', {t: 1}, {actor: {who: '\\u0000'}}),
+                loneSurrogate: () => hub.upsert('things', 'a', {t: 'a\\uD800'}),
+                deep: () => hub.upsert('things', 'a', {t: deep(129)}),
+                // 212 numbers of 309 digits each, as PostgreSQL writes 1e308: over 64 KiB
+                exponents: () => hub.upsert('things', 'a', {t: Array(212).fill(1e308)}),
+                actor: () => hub.upsert('things', 'a', {t: 1}, {actor: {note: 'y'.repeat(4100)}}),
+                nan: () => hub.upsert('things', 'a', {t: NaN}),
+                infinity: () => hub.upsert('things', 'a', {t: [1, -Infinity]}),
+                value: () => hub.upsert('things', 'a', {t: 'z'.repeat(64 * 1024)}),
+                // every field under 64 KiB, the change over what one message carries
+                tooBig: () => hub.upsert('things', 'a', big),
+            };
+            const out = {};
+            for (const [name, write] of Object.entries(writes)) {
+                try {
+                    await write();
+                    out[name] = 'written';
+                } catch (err) {
+                    out[name] = err.name;
+                }
+            }
+            return {out, pending: hub.status.pending, records: (await hub.records()).length};
+        }"""
+    )
+    assert refused["pending"] == 0 and refused["records"] == 0, refused
+    assert all(kind in ("TypeError", "RangeError") for kind in refused["out"].values()), refused
+
+    # Just within every limit: written here, and taken by the hub.
+    page.evaluate(
+        """async () => {
+            const deep = (n) => JSON.parse('['.repeat(n) + ']'.repeat(n));
+            await hub.upsert('things', 'deep', {t: deep(128)});
+            await hub.upsert('things', 'exponents', {t: Array(211).fill(1e308)});
+            const options = {actor: {note: 'y'.repeat(4000)}, origin: 'agent'};
+            await hub.upsert('things', 'actor', {t: 1}, options);
+            await hub.upsert('things', 'value', {t: 'z'.repeat(64 * 1024 - 2)});
+            await hub.upsert('things', 'text', {t: 'ünïcödé 🎉', 'k.1': {'🎉': [-0, 1.5e-7]}});
+            await hub.delete('things', 'text', {origin: 'migration', actor: {by: 'me'}});
+        }"""
+    )
+    wait_synced(page)
+    assert page.evaluate("() => window.seen.errors") == []
+    assert sorted(key[1] for key in server_state(hub, user)) == [
+        "actor",
+        "deep",
+        "exponents",
+        "text",
+        "value",
+    ]
+
+
+def test_one_refused_change_leaves_the_rest_of_its_push(devices: Devices) -> None:
+    """The hub refuses a push whole, naming the change: that change is dropped
+    (and reported), the others of its push go again and arrive."""
+    hub = devices.hub
+    user = new_user()
+    context = devices.new()
+    page = devices.open(context, user)
+    wait_synced(page, 0)
+    add(page, "Synced before")
+    wait_synced(page, 1)
+    watch(page)
+    context.set_offline(True)
+    expect(page.locator("#state")).to_have_text("offline")
+    add(page, "Written offline")
+    bad = todo("t-bad", "Refused by the hub") | {"origin": "robot"}
+    queue_unchecked(page, bad)
+    add(page, "Also written offline")
+    expect(page.locator("#pending")).to_have_text("3 pending")
+    context.set_offline(False)
+
+    wait_synced(page, 3)
+    errors = page.evaluate("() => window.seen.errors")
+    assert [(e["code"], e["changes"]) for e in errors] == [("invalid_change", [bad])], errors
+    assert hub_titles(hub, user) == ["Also written offline", "Synced before", "Written offline"]
+    wait_equal([page], hub, user)
+
+
+def test_a_change_too_big_for_one_message_never_blocks_the_outbox(devices: Devices) -> None:
+    """A change over what one message carries is refused by upsert; one already
+    in the outbox is dropped and reported, never sent (the hub would close the
+    connection with 1009, again at every reconnect)."""
+    hub = devices.hub
+    user = new_user()
+    context = devices.new()
+    page = devices.open(context, user)
+    wait_synced(page, 0)
+    watch(page)
+    big = {f"part{i}": "x" * (63 * 1024) for i in range(17)}
+    thrown = page.evaluate(
+        """async (big) => {
+            try {
+                await hub.upsert('todos', 't-big', {title: 'Big', ...big});
+                return 'written';
+            } catch (err) {
+                return err.name;
+            }
+        }""",
+        big,
+    )
+    assert thrown == "RangeError"
+    assert page.evaluate("() => hub.status.pending") == 0
+
+    context.set_offline(True)
+    expect(page.locator("#state")).to_have_text("offline")
+    add(page, "Before the big one")
+    queue_unchecked(page, todo("t-big", "Big", **big))
+    add(page, "After the big one")
+    context.set_offline(False)
+    wait_synced(page, 2)
+    seen = page.evaluate("() => window.seen")
+    assert [(e["code"], [c["id"] for c in e["changes"]]) for e in seen["errors"]] == [
+        ("payload_too_large", ["t-big"])
+    ], seen["errors"]
+    assert [c["code"] for c in seen["closes"]] == [1006], seen["closes"]  # going offline only
+    assert hub_titles(hub, user) == ["After the big one", "Before the big one"]
+    wait_equal([page], hub, user)
+
+
+def test_a_resync_does_not_take_a_page_asked_before_it(devices: Devices) -> None:
+    """A push refused for good starts a resync while a pull from the old cursor
+    is on its way: that page is not the resync's first page (which replaces the
+    replica); the resync pulls from 0 and keeps every record."""
+    hub = devices.hub
+    user = new_user()
+    http_push(hub, user, [todo(f"old-{i}", f"Old {i}") for i in range(3)])
+    relay = Relay()
+    page = devices.open(devices.new(), user, relay)
+    wait_synced(page, 3)
+    http_push(hub, user, [todo(f"new-{i}", f"New {i}") for i in range(2)])
+    wait_synced(page, 5)  # as events; the cursor stays where it was
+    watch(page)
+
+    relay.hold_pulls = 1
+    page.evaluate("() => { window.hub.sync(); }")  # its answer is held
+    wait_until(page, lambda: len(relay.held) == 1, "the pull's answer")
+    queue_unchecked(page, todo("t-bad", "Refused by the hub") | {"origin": "robot"})
+    page.evaluate("() => { window.hub.sync(); }")  # sends the bad change: the resync begins
+    page.wait_for_function("() => window.seen.errors.length > 0")
+    relay.release()
+
+    page.wait_for_function("() => window.seen.sources.includes('reset')")  # the replica replaced
+    wait_synced(page, 5)
+    wait_equal([page], hub, user)
+    errors = page.evaluate("() => window.seen.errors")
+    assert [e["code"] for e in errors] == ["invalid_change"], errors
+
+
+def test_a_refused_pull_is_asked_again(devices: Devices) -> None:
+    """Pulls answered rate_limited, unavailable or internal are asked again
+    after retry_after; the client says syncing until one succeeds."""
+    hub = devices.hub
+    user = new_user()
+    http_push(hub, user, [todo("t-1", "Already there")])
+    relay = Relay()
+    relay.refuse_pulls = ["rate_limited", "unavailable", "internal"]  # the pulls on connect
+    page = devices.open(devices.new(), user, relay)
+    wait_synced(page, 1)
+    assert relay.refuse_pulls == []
+
+    watch(page)
+    relay.refuse_pulls = ["rate_limited"]
+    # An event over 64 KiB comes as sync_available: the client pulls.
+    http_push(
+        hub, user, [todo("t-2", "Too big for an event", notes="n" * 40_000, more="m" * 40_000)]
+    )
+    wait_synced(page, 2)
+    assert relay.refuse_pulls == []
+    states = page.evaluate("() => window.seen.states")
+    assert states[-2:] == ["syncing", "online"], states
+    wait_equal([page], hub, user)
+
+
+def test_repeated_1013_before_a_welcome_backs_off(devices: Devices) -> None:
+    """While the hub cannot serve (its database is down) it closes every new
+    connection with 1013: the client waits longer each time."""
+    user = new_user()
+    relay = Relay()
+    context = devices.new()
+    page = devices.open(context, user, relay)
+    wait_synced(page, 0)
+    watch(page)
+    page.evaluate("() => { Math.random = () => 0.999; }")  # the top of each jitter range
+    relay.refuse_connections = 3
+    context.set_offline(True)
+    expect(page.locator("#state")).to_have_text("offline")
+    context.set_offline(False)  # reconnects at once, and is refused thrice
+
+    wait_synced(page, 0)
+    closes = page.evaluate("() => window.seen.closes")
+    delays = [c["reconnectInMs"] for c in closes if c["code"] == 1013]
+    assert delays == [500, 999, 1998], closes  # 0.5 s x 2^attempt, at the top of the jitter
+    assert relay.refuse_connections == 0
+
+
+def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
+    """A replica opened with another user's token refuses the connection before
+    anything that follows the welcome is merged, even when its IndexedDB is slow
+    to say whose it is."""
+    hub = devices.hub
+    user_a, user_b = new_user(), new_user()
+    relay = Relay()
+    page = devices.open(devices.new(), None, relay)
+    page.evaluate(
+        """async (token) => {
+            const m = await import('/client/hub.js');
+            const client = new m.HubClient({device: 'd1', dbName: 'shared', token});
+            await client.start();
+            await client.upsert('todos', 'a1', {title: "A's todo"});
+            await new Promise((resolve) => client.on('status', (s) => {
+                if (s.state === 'online' && s.pending === 0) resolve();
+            }));
+            client.close();
+        }""",
+        hub.token(user_a),
+    )
+
+    def event_of_b(welcome: dict[str, Any]) -> list[dict[str, Any]]:
+        if welcome["user"] != user_b:
+            return []
+        now = stamp("b-phone")
+        delta = {
+            "collection": "todos",
+            "id": "b1",
+            "version": welcome["version"] + 1,
+            "device": "b-phone",
+            "fields": {"title": {"value": "B's private todo", "hlc": now}},
+            "deleted": False,
+            "deleted_hlc": None,
+            "origin": None,
+            "actor": None,
+        }
+        return [
+            {
+                "type": "change",
+                "version": welcome["version"] + 1,
+                "prev": welcome["version"],
+                "device": "b-phone",
+                "changes": [delta],
+            }
+        ]
+
+    relay.after_welcome = event_of_b
+    result = page.evaluate(
+        """async (token) => {
+            const until = (test, what) => new Promise((resolve, reject) => {
+                const started = Date.now();
+                const poll = () => {
+                    if (test()) resolve();
+                    else if (Date.now() - started > 10000) reject(new Error(what));
+                    else setTimeout(poll, 10);
+                };
+                poll();
+            });
+            // Count the messages the page gets.
+            window.received = 0;
+            const Base = window.WebSocket;
+            window.WebSocket = class extends Base {
+                constructor(...args) {
+                    super(...args);
+                    this.addEventListener('message', () => { window.received += 1; });
+                }
+            };
+            // A slow IndexedDB: the replica's meta store stays busy until released.
+            const db = await new Promise((resolve, reject) => {
+                const open = indexedDB.open('shared', 1);
+                open.onsuccess = () => resolve(open.result);
+                open.onerror = () => reject(open.error);
+            });
+            let busy = true;
+            const tx = db.transaction('meta', 'readwrite');
+            const spin = () => { if (busy) tx.objectStore('meta').get('user').onsuccess = spin; };
+            spin();
+            const freed = new Promise((resolve) => { tx.oncomplete = resolve; });
+
+            const m = await import('/client/hub.js');
+            const client = new m.HubClient({device: 'd1', dbName: 'shared', token});
+            const errors = [];
+            client.on('error', (e) => errors.push(e.code));
+            await client.start();
+            await until(() => window.received >= 2, 'the welcome and the event');
+            await new Promise((resolve) => setTimeout(resolve, 0)); // both handed to the client
+            busy = false;
+            await freed;
+            db.close();
+            await until(() => client.status.state === 'forbidden', 'forbidden');
+            const ids = (await client.records()).map((r) => r.id);
+            client.close();
+            return {errors, ids};
+        }""",
+        hub.token(user_b),
+    )
+    assert result == {"errors": ["wrong_user"], "ids": ["a1"]}, result

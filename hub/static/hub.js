@@ -18,7 +18,15 @@ const COLLECTION_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const FIELD_RE = /^[A-Za-z0-9.-][A-Za-z0-9_.-]{0,63}$/; // not starting with "_"
 export const MAX_COUNTER = 9999;
 const MAX_WALL_MS = 1e13 - 1;
-const MAX_VALUE_BYTES = 64 * 1024;
+const MAX_VALUE_BYTES = 64 * 1024; // as stored: numbers written out in full
+const MAX_VALUE_DEPTH = 128; // arrays and objects inside each other, in one value
+const MAX_ACTOR_BYTES = 4 * 1024;
+const MAX_ID_CHARS = 128;
+// One change, and the push message around it, fit the hub's 1 MiB message limit.
+const MAX_CHANGE_BYTES = 1024 * 1024 - 4096;
+const ORIGINS = Object.freeze(["user", "agent", "system", "migration"]);
+// A UTF-16 surrogate without its pair: no UTF-8 for it, so the hub cannot read it.
+const LONE_SURROGATE_RE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 
 /** True when `text` is a well-formed stamp `<13 digits>-<4 digits>-<node>`. */
 export function isStamp(text) {
@@ -209,6 +217,8 @@ const MAX_BATCH_BYTES = 512 * 1024;
 const MAX_PUSHES_IN_FLIGHT = 4;
 const PULL_LIMIT = 500;
 const GAP_WAIT_MS = 150;
+// Errors after which the same request may succeed later (pushes and pulls).
+const RETRYABLE = Object.freeze(["rate_limited", "unavailable", "internal"]);
 
 /** Connection states a client reports in `state`. */
 export const STATES = Object.freeze([
@@ -335,30 +345,46 @@ export class HubClient extends EventTarget {
   /** Write fields of a record (a map of name to any JSON value); applied here at once, pushed soon. */
   async upsert(collection, id, fields, options = {}) {
     checkKey(collection, id);
-    const names = Object.keys(fields || {});
+    const extra = changeOptions(options);
+    if (fields === null || typeof fields !== "object" || Array.isArray(fields)) {
+      throw new TypeError("fields must be an object of name: value");
+    }
+    const names = Object.keys(fields);
     if (names.length === 0) throw new TypeError("an upsert needs at least one field");
+    const values = {}; // as the hub will store them: what a JSON round trip gives
     for (const name of names) {
       if (!FIELD_RE.test(name)) {
         throw new TypeError(`bad field name ${JSON.stringify(name)}: [A-Za-z0-9_.-]{1,64}, not starting with _`);
       }
       if (fields[name] === undefined) throw new TypeError(`field ${name} is undefined`);
-      if (jsonBytes(fields[name]) > MAX_VALUE_BYTES) throw new RangeError(`field ${name} is over 64 KiB`);
+      values[name] = storedValue(fields[name], MAX_VALUE_BYTES, `field ${name}`);
     }
-    return this._writeLocal(collection, id, options, (stamp, record) => {
-      const writes = names.map((n) => [n, fields[n], stamp]);
-      applyUpsert(record, writes);
+    const build = (stamp) => {
       const out = {};
-      for (const n of names) out[n] = { value: fields[n], hlc: stamp };
-      return { collection, id, op: "upsert", fields: out };
+      for (const n of names) out[n] = { value: values[n], hlc: stamp };
+      return { collection, id, op: "upsert", fields: out, ...extra };
+    };
+    // Every stamp of this device has the same length: measure with any one.
+    const size = jsonBytes(build(formatStamp(0, 0, this.device)));
+    if (size > MAX_CHANGE_BYTES) {
+      throw new RangeError(`the change is ${size} bytes encoded; one push message carries at most ${MAX_CHANGE_BYTES}`);
+    }
+    return this._writeLocal(collection, id, (stamp, record) => {
+      applyUpsert(
+        record,
+        names.map((n) => [n, values[n], stamp]),
+      );
+      return build(stamp);
     });
   }
 
   /** Delete a record (a tombstone; a later upsert revives it with only the newer fields). */
   async delete(collection, id, options = {}) {
     checkKey(collection, id);
-    return this._writeLocal(collection, id, options, (stamp, record) => {
+    const extra = changeOptions(options);
+    return this._writeLocal(collection, id, (stamp, record) => {
       applyDelete(record, stamp);
-      return { collection, id, op: "delete", hlc: stamp };
+      return { collection, id, op: "delete", hlc: stamp, ...extra };
     });
   }
 
@@ -440,7 +466,7 @@ export class HubClient extends EventTarget {
 
   // -- local writes ---------------------------------------------------------------------
 
-  async _writeLocal(collection, id, options, make) {
+  async _writeLocal(collection, id, make) {
     if (this._closed) throw new Error("the client is closed");
     const stamp = await transact(this.db, [RECORDS, OUTBOX, META], "readwrite", async (tx) => {
       const meta = tx.objectStore(META);
@@ -451,8 +477,6 @@ export class HubClient extends EventTarget {
       const key = recordKey(collection, id);
       const record = (await req(records.get(key))) || { collection, id, ...newRecord() };
       const change = make(stamp, record);
-      if (options.origin !== undefined) change.origin = options.origin;
-      if (options.actor !== undefined) change.actor = options.actor;
       records.put(record, key);
       tx.objectStore(OUTBOX).add({ change, batch: "" });
       return stamp;
@@ -543,6 +567,11 @@ export class HubClient extends EventTarget {
     const ws = new WebSocket(this.url.replace(/^http/, "ws") + "/v1/ws");
     this._ws = ws;
     this._ready = false;
+    // Messages are handled one after another, in the order they came: the
+    // welcome's checks (is this replica the token's user's?) finish before any
+    // event that follows it is looked at, and events are merged in order.
+    // (A handler never waits for a later message: pulls run beside the chain.)
+    let inbox = Promise.resolve();
     ws.onopen = () => {
       const auth = { type: "auth", token, device: this.device };
       if (this._deviceName) auth.device_name = this._deviceName;
@@ -558,7 +587,9 @@ export class HubClient extends EventTarget {
       } catch {
         return;
       }
-      this._onMessage(message).catch((err) => this._fail("client", String(err.message || err)));
+      inbox = inbox
+        .then(() => (ws === this._ws ? this._onMessage(message) : undefined))
+        .catch((err) => this._fail("client", String(err.message || err)));
     };
     ws.onclose = (ev) => {
       if (ws !== this._ws) return;
@@ -584,9 +615,9 @@ export class HubClient extends EventTarget {
   }
 
   async _onMessage(message) {
+    if (message.type === "welcome") return this._welcome(message);
+    if (!this._ready) return undefined; // nothing counts before a welcome that passed its checks
     switch (message.type) {
-      case "welcome":
-        return this._welcome(message);
       case "ack":
         return this._acked(message);
       case "changes": {
@@ -605,7 +636,8 @@ export class HubClient extends EventTarget {
         if (this.version === null || message.version > this.version) this._pull();
         return undefined;
       case "auth_expiring":
-        return this._refreshToken();
+        this._refreshToken(); // not awaited: the token function may take its time
+        return undefined;
       default:
         return undefined; // pong, auth_ok, and anything newer
     }
@@ -633,10 +665,11 @@ export class HubClient extends EventTarget {
     this.lastError = null;
     this._setState("syncing");
     this._flush();
-    await this._pull();
+    this._pull(); // not awaited: its answers come through the message chain
   }
 
   _onClose(code, reason) {
+    const welcomed = this._ready;
     this._ws = null;
     this._ready = false;
     this._stopHeartbeat();
@@ -652,8 +685,12 @@ export class HubClient extends EventTarget {
       case 1012: // the hub restarts: come back when its hint says
         delay = restartDelayMs(reason);
         break;
-      case 1013: // too slow: reconnect soon; the pull on connect catches up
-        delay = Math.random() * 1000;
+      case 1013:
+        // Too slow (after a welcome): reconnect soon, the pull on connect
+        // catches up. Before a welcome it means the hub cannot serve now (its
+        // database is down): repeated, it backs off like any failed connect.
+        delay = welcomed && this._attempt === 0 ? Math.random() * 1000 : fullJitter(this._attempt);
+        this._attempt++;
         break;
       case 4001: // unauthenticated: a fresh token, then back off
         this._token = null;
@@ -750,15 +787,17 @@ export class HubClient extends EventTarget {
     }
   }
 
-  _onError(message) {
+  async _onError(message) {
     const waiting = message.id && this._requests.get(message.id);
     if (waiting) {
       this._requests.delete(message.id);
-      waiting.reject(Object.assign(new Error(message.message), { code: message.code }));
+      waiting.reject(
+        Object.assign(new Error(message.message), { code: message.code, retryAfter: message.retry_after }),
+      );
       return;
     }
     if (message.id && this._inFlight.has(message.id)) {
-      this._pushFailed(message.id, message.code, message.message);
+      await this._pushFailed(message.id, message);
       return;
     }
     this._fail(message.code, message.message);
@@ -829,22 +868,39 @@ export class HubClient extends EventTarget {
 
   async _pullToEnd() {
     let reset = false;
+    let failures = 0;
     for (;;) {
-      const since = await transact(this.db, [META], "readonly", (tx) =>
-        req(tx.objectStore(META).get("cursor")),
-      );
+      // The cursor and the reset under way (if any) are read together: a page
+      // asked from 0 under this reset is the one that may replace the replica.
+      const { since, resetting } = await transact(this.db, [META], "readonly", async (tx) => {
+        const meta = tx.objectStore(META);
+        return { since: await req(meta.get("cursor")), resetting: await req(meta.get("resetting")) };
+      });
       let page;
       try {
         page = await this._request({ type: "pull", since: since || 0, limit: PULL_LIMIT });
       } catch (err) {
         if (err.code === "reset_required") {
           await this._startReset();
-          reset = true;
+          continue;
+        }
+        if (RETRYABLE.includes(err.code) && this._ready && !this._closed) {
+          // The hub could not answer now: ask again later, still syncing.
+          this._setState("syncing");
+          failures += 1;
+          const wait = err.retryAfter > 0 ? err.retryAfter * 1000 : Math.max(250, fullJitter(failures));
+          await new Promise((resolve) => setTimeout(resolve, Math.min(wait, BACKOFF_CAP_MS)));
+          if (!this._ready || this._closed) {
+            throw Object.assign(new Error("connection closed"), { code: "disconnected" });
+          }
           continue;
         }
         throw err;
       }
-      await this._applyRemote(page.changes, page.cursor);
+      failures = 0;
+      const applied = await this._applyRemote(page.changes, page.cursor, resetting ?? null);
+      if (applied === "stale") continue; // asked before a reset began: ask again, from 0
+      if (applied === "reset") reset = true;
       if (!page.has_more) {
         this.version = Math.max(this.version ?? 0, page.version);
         this._drain();
@@ -858,24 +914,37 @@ export class HubClient extends EventTarget {
     }
   }
 
-  /** 410 reset_required: start again from 0; the first page from 0 replaces the replica. */
+  /**
+   * Start again from 0 (410 reset_required, or a push the hub refused): the
+   * first page asked from 0 after this replaces the replica. The reset is
+   * marked with an id of its own, so that a page asked before it (still on
+   * its way) is not taken for that first page.
+   */
   async _startReset() {
     await transact(this.db, [META], "readwrite", async (tx) => {
       const meta = tx.objectStore(META);
       meta.put(0, "cursor");
-      meta.put(true, "resetting");
+      meta.put(randomId("r-"), "resetting");
     });
     this.version = null;
     this._ahead.clear();
   }
 
-  /** Merge deltas into the replica (and move the cursor) in one transaction. */
-  async _applyRemote(deltas, cursor) {
+  /**
+   * Merge deltas into the replica (and, for a pull's page, move the cursor) in
+   * one transaction. A page comes with the reset it was asked under (`asked`,
+   * null for none). While a reset is under way, only the page asked from 0
+   * under it replaces the replica; a page asked before is dropped ("stale").
+   * Returns "stale", "reset" (the replica was replaced) or "merged".
+   */
+  async _applyRemote(deltas, cursor, asked = null) {
     let reset = false;
     const touched = await transact(this.db, [RECORDS, OUTBOX, META], "readwrite", async (tx) => {
       const meta = tx.objectStore(META);
       const records = tx.objectStore(RECORDS);
-      if (cursor !== undefined && (await req(meta.get("resetting")))) {
+      const resetting = cursor === undefined ? null : await req(meta.get("resetting"));
+      if (resetting && resetting !== asked) return null; // from before the reset: its cursor is no use now
+      if (resetting) {
         // Rebuild from the hub's state: drop the replica, keep what is not pushed yet.
         reset = true;
         records.clear();
@@ -912,13 +981,17 @@ export class HubClient extends EventTarget {
       if (cursor !== undefined) meta.put(cursor, "cursor");
       return out;
     });
+    if (touched === null) return "stale";
     if (reset) {
       this._emit("change", { source: "reset", changes: null });
       this._broadcast({ type: "changed", source: "reset", changes: null });
-    } else if (touched.length > 0) {
+      return "reset";
+    }
+    if (touched.length > 0) {
       this._emit("change", { source: "remote", changes: touched });
       this._broadcast({ type: "changed", source: "remote", changes: touched });
     }
+    return "merged";
   }
 
   // -- the outbox -------------------------------------------------------------------------
@@ -934,7 +1007,8 @@ export class HubClient extends EventTarget {
         this._flushAgain = false;
         while (this._ready && this._inFlight.size < MAX_PUSHES_IN_FLIGHT) {
           const batch = await this._claimBatch();
-          if (!batch || !this._ready) break;
+          if (batch && batch.tooBig.length > 0) await this._droppedTooBig(batch.tooBig);
+          if (!batch || !batch.id || !this._ready) break;
           this._inFlight.set(batch.id, null);
           if (!this._send({ type: "push", id: batch.id, changes: batch.changes })) {
             this._inFlight.delete(batch.id);
@@ -961,31 +1035,53 @@ export class HubClient extends EventTarget {
   async _claimBatch() {
     return transact(this.db, [OUTBOX], "readwrite", async (tx) => {
       const outbox = tx.objectStore(OUTBOX);
-      const all = await req(outbox.getAll());
-      const resend = all.find((e) => e.batch && !this._inFlight.has(e.batch));
-      if (resend) {
-        const entries = all.filter((e) => e.batch === resend.batch);
-        return { id: resend.batch, changes: entries.map((e) => e.change) };
+      // A change too big for one message (queued before upsert checked its
+      // size) would close every connection that sends it (1009): it leaves the
+      // outbox here, and is reported, instead.
+      const tooBig = [];
+      const all = [];
+      for (const entry of await req(outbox.getAll())) {
+        const size = jsonBytes(entry.change);
+        if (size > MAX_CHANGE_BYTES) {
+          tooBig.push(entry.change);
+          outbox.delete(entry.seq);
+        } else {
+          all.push({ entry, size });
+        }
       }
+      const resend = all.find(({ entry }) => entry.batch && !this._inFlight.has(entry.batch));
+      if (resend) {
+        const entries = all.filter(({ entry }) => entry.batch === resend.entry.batch);
+        return { id: resend.entry.batch, changes: entries.map(({ entry }) => entry.change), tooBig };
+      }
+      // At most 200 changes and 512 KiB, or one change alone (at most
+      // MAX_CHANGE_BYTES): either way one message carries it.
       const fresh = [];
       let bytes = 0;
-      for (const entry of all) {
+      for (const { entry, size } of all) {
         if (entry.batch) continue;
-        const size = jsonBytes(entry.change);
         if (fresh.length >= MAX_BATCH_CHANGES || (fresh.length > 0 && bytes + size > MAX_BATCH_BYTES)) {
           break;
         }
         fresh.push(entry);
         bytes += size;
       }
-      if (fresh.length === 0) return null;
+      if (fresh.length === 0) return tooBig.length > 0 ? { id: null, changes: [], tooBig } : null;
       const id = randomId("p-");
       for (const entry of fresh) {
         entry.batch = id;
         outbox.put(entry);
       }
-      return { id, changes: fresh.map((e) => e.change) };
+      return { id, changes: fresh.map((e) => e.change), tooBig };
     });
+  }
+
+  /** Changes dropped from the outbox as too big to send: say so, and rebuild the replica without them. */
+  async _droppedTooBig(changes) {
+    await this._refreshPending();
+    this._fail("payload_too_large", `${changes.length} change(s) too big for one push message, dropped`, changes);
+    await this._startReset();
+    this._pull();
   }
 
   async _acked(message) {
@@ -1012,14 +1108,16 @@ export class HubClient extends EventTarget {
     return dropped;
   }
 
-  async _pushFailed(id, code, text) {
+  async _pushFailed(id, error) {
+    const { code, message: text } = error;
     switch (code) {
       case "rate_limited":
       case "unavailable":
       case "internal":
       case "clock_skew": {
         // Try the same push again later; the hub or its clock may be fine by then.
-        const wait = code === "rate_limited" ? 1000 : Math.max(2000, fullJitter(4));
+        let wait = code === "rate_limited" ? 1000 : Math.max(2000, fullJitter(4));
+        if (error.retry_after > 0) wait = Math.min(BACKOFF_CAP_MS, error.retry_after * 1000);
         if (code === "clock_skew") this._fail(code, text);
         this._inFlight.set(
           id,
@@ -1032,30 +1130,63 @@ export class HubClient extends EventTarget {
       }
       case "idempotency_key_reused": {
         // Another push holds this id: send the same changes under a new one.
-        const fresh = randomId("p-");
-        await transact(this.db, [OUTBOX], "readwrite", async (tx) => {
-          const outbox = tx.objectStore(OUTBOX);
-          for (const key of await req(outbox.index("batch").getAllKeys(id))) {
-            const entry = await req(outbox.get(key));
-            entry.batch = fresh;
-            outbox.put(entry);
-          }
-        });
+        await this._renameBatch(id, null);
         this._inFlight.delete(id);
         this._flush();
         return;
       }
       default: {
         // The hub refuses these changes for good (invalid_change, payload_too_large,
-        // forbidden): drop them, say so, and rebuild the replica from the hub's state.
-        const dropped = await this._dropBatch(id);
+        // forbidden). When it names the one change it refuses, only that one is
+        // dropped and the others go again under a new id (the hub wrote none of
+        // them); otherwise the whole push is. Either way: say so, and rebuild the
+        // replica from the hub's state, so that it does not keep what was refused.
+        const index = code === "invalid_change" ? refusedIndex(error) : null;
+        const dropped = (index !== null && (await this._renameBatch(id, index))) || (await this._dropBatch(id));
         this._inFlight.delete(id);
-        this._fail(code, text, dropped.map((e) => e.change));
         await this._startReset();
+        this._fail(
+          code,
+          text,
+          dropped.map((e) => e.change),
+        );
         this._pull();
         this._flush();
       }
     }
+  }
+
+  /**
+   * Give the changes of push `id` a new push id, leaving out the one at
+   * `without` (its index in the push; null: none), which leaves the outbox.
+   * Returns the outbox entries left out; null (and nothing changed) when the
+   * push has no change at `without`.
+   */
+  async _renameBatch(id, without) {
+    const fresh = randomId("p-");
+    const dropped = await transact(this.db, [OUTBOX], "readwrite", async (tx) => {
+      const outbox = tx.objectStore(OUTBOX);
+      // Keys in seq order: the order the changes went out in.
+      const keys = await req(outbox.index("batch").getAllKeys(id));
+      if (without !== null && !(without < keys.length)) return null;
+      const out = [];
+      for (const [i, key] of keys.entries()) {
+        const entry = await req(outbox.get(key));
+        if (i === without) {
+          out.push(entry);
+          outbox.delete(key);
+        } else {
+          entry.batch = fresh;
+          outbox.put(entry);
+        }
+      }
+      return out;
+    });
+    if (dropped && dropped.length > 0) {
+      await this._refreshPending();
+      this._broadcast({ type: "changed", source: "ack", changes: [] });
+    }
+    return dropped;
   }
 
   // -- state and events --------------------------------------------------------------------
@@ -1096,12 +1227,120 @@ export class HubClient extends EventTarget {
 }
 
 function checkKey(collection, id) {
-  if (!COLLECTION_RE.test(collection || "")) {
+  if (typeof collection !== "string" || !COLLECTION_RE.test(collection)) {
     throw new TypeError("collection must be 1..64 characters of [A-Za-z0-9_.-]");
   }
-  if (typeof id !== "string" || id.length < 1 || id.length > 128) {
-    throw new TypeError("id must be a string of 1..128 characters");
+  // The hub counts characters (code points), not UTF-16 units.
+  const chars = typeof id === "string" ? [...id].length : 0;
+  if (chars < 1 || chars > MAX_ID_CHARS) {
+    throw new TypeError(`id must be a string of 1..${MAX_ID_CHARS} characters`);
   }
+  checkText(id, "id");
+}
+
+/** Strings the hub can store: no U+0000 (jsonb cannot hold it), no lone surrogate (not UTF-8). */
+function checkText(text, what) {
+  if (text.includes("\u0000")) throw new TypeError(`${what}: strings may not contain U+0000`);
+  if (LONE_SURROGATE_RE.test(text)) {
+    throw new TypeError(`${what}: a string holds an unpaired UTF-16 surrogate`);
+  }
+}
+
+/**
+ * The length of a number as PostgreSQL's jsonb writes it: in full, without an
+ * exponent ("1e+308" is 309 digits, "1.5e-7" is "0.00000015").
+ */
+function writtenOutLength(text) {
+  const m = /^(-?)([0-9]+)(?:\.([0-9]+))?e([-+]?[0-9]+)$/.exec(text);
+  if (!m) return text.length;
+  const fraction = m[3] || "";
+  const digits = m[2].length + fraction.length;
+  const exponent = Number(m[4]) - fraction.length;
+  let full;
+  if (exponent >= 0) full = digits + exponent; // digits, then zeros
+  else if (-exponent >= digits) full = 2 - exponent; // "0.", zeros, digits
+  else full = digits + 1; // a point among the digits
+  return Math.max(text.length, full + m[1].length);
+}
+
+/**
+ * A value as the hub will store it (what a JSON round trip makes of it),
+ * checked as the hub checks it: a JSON value, finite numbers, strings and keys
+ * without U+0000, at most 128 arrays or objects deep, at most `limit` bytes
+ * with every number written out in full. Throws TypeError or RangeError.
+ */
+function storedValue(value, limit, what) {
+  let text;
+  try {
+    text = JSON.stringify(value, (_key, v) => {
+      if (typeof v === "number" && !Number.isFinite(v)) {
+        throw Object.assign(new RangeError(`${what}: ${v} is not a JSON number`), { own: true });
+      }
+      return v;
+    });
+  } catch (err) {
+    if (err.own) throw err;
+    if (err instanceof RangeError) {
+      throw new RangeError(`${what}: nested more than ${MAX_VALUE_DEPTH} arrays or objects deep`);
+    }
+    throw new TypeError(`${what}: not a JSON value (${err.message || err})`);
+  }
+  if (text === undefined) throw new TypeError(`${what}: not a JSON value`);
+  const plain = JSON.parse(text);
+  let excess = 0; // what writing numbers out in full adds
+  const stack = [[plain, 0]];
+  while (stack.length > 0) {
+    const [item, depth] = stack.pop();
+    if (typeof item === "string") {
+      checkText(item, what);
+    } else if (typeof item === "number") {
+      const written = String(item); // as JSON.stringify wrote it
+      excess += writtenOutLength(written) - written.length;
+    } else if (item !== null && typeof item === "object") {
+      if (depth >= MAX_VALUE_DEPTH) {
+        throw new RangeError(`${what}: nested more than ${MAX_VALUE_DEPTH} arrays or objects deep`);
+      }
+      if (Array.isArray(item)) {
+        for (const v of item) stack.push([v, depth + 1]);
+      } else {
+        for (const [k, v] of Object.entries(item)) {
+          checkText(k, what);
+          stack.push([v, depth + 1]);
+        }
+      }
+    }
+  }
+  const size = new TextEncoder().encode(text).length + excess;
+  if (size > limit) {
+    const how = excess > 0 ? " (numbers written out in full)" : "";
+    throw new RangeError(`${what}: ${size} bytes as stored${how}, the limit is ${limit}`);
+  }
+  return plain;
+}
+
+/** The `origin` and `actor` of a change, checked; `{}` when neither is given. */
+function changeOptions(options) {
+  const out = {};
+  if (options === null || options === undefined) return out;
+  if (typeof options !== "object") throw new TypeError("options must be an object {origin, actor}");
+  if (options.origin !== undefined && options.origin !== null) {
+    if (!ORIGINS.includes(options.origin)) {
+      throw new TypeError(`origin must be one of ${ORIGINS.join(", ")}, not ${JSON.stringify(options.origin)}`);
+    }
+    out.origin = options.origin;
+  }
+  if (options.actor !== undefined && options.actor !== null) {
+    out.actor = storedValue(options.actor, MAX_ACTOR_BYTES, "actor");
+  }
+  return out;
+}
+
+/** The index of the change an `invalid_change` error names, or null. */
+function refusedIndex(error) {
+  const index = error.details?.index;
+  if (Number.isInteger(index)) return index;
+  const m = /^changes\[([0-9]+)\]/.exec(error.message || "");
+  return m ? Number(m[1]) : null;
 }
 
 function valuesOf(record) {
