@@ -576,3 +576,20 @@ async def server_state(hub: HubProcess, user: str) -> dict[Any, Any]:
             )
         )
     return replica.state()
+
+
+def serve_exits(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``hub serve`` with these settings (on top of a free port, a data
+    directory and an API key pepper), expected to refuse to start."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full.update({"HUB_PORT": "0", "HUB_API_KEY_PEPPER": "p" * 32, "HUB_DATA_DIR": str(tmp_path)})
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "hub", "serve"],
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -11,17 +11,13 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +30,7 @@ from support import (
     change,
     connect,
     new_user,
+    serve_exits,
     stamp,
     token_for,
     wait_for,
@@ -525,32 +522,24 @@ async def test_a_flood_of_unknown_kids_fetches_the_jwks_rarely(hub_factory, jwks
     assert jwks.fetches == 1, jwks.fetches
 
 
-def serve_exits(database_url: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """``hub serve`` with these settings, expected to refuse to start."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    full.update({"HUB_DATABASE_URL": database_url, "HUB_PORT": "0", "HUB_API_KEY_PEPPER": "p" * 32})
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "hub", "serve"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def test_hs_and_asymmetric_algorithms_are_never_mixed(database_url, jwks, tmp_path):
-    both = serve_exits(database_url, tmp_path, HUB_JWT_SECRET=JWT_SECRET, HUB_JWKS_URL=jwks.url)
+    both = serve_exits(
+        tmp_path, HUB_DATABASE_URL=database_url, HUB_JWT_SECRET=JWT_SECRET, HUB_JWKS_URL=jwks.url
+    )
     assert both.returncode != 0 and "never mixed" in both.stderr
     hs_on_jwks = serve_exits(
-        database_url, tmp_path, HUB_JWKS_URL=jwks.url, HUB_JWT_ALGORITHMS="RS256,HS256"
+        tmp_path,
+        HUB_DATABASE_URL=database_url,
+        HUB_JWKS_URL=jwks.url,
+        HUB_JWT_ALGORITHMS="RS256,HS256",
     )
     assert hs_on_jwks.returncode != 0
     assert "listening on" not in hs_on_jwks.stdout
     rs_on_secret = serve_exits(
-        database_url, tmp_path, HUB_JWT_SECRET=JWT_SECRET, HUB_JWT_ALGORITHMS="HS256,RS256"
+        tmp_path,
+        HUB_DATABASE_URL=database_url,
+        HUB_JWT_SECRET=JWT_SECRET,
+        HUB_JWT_ALGORITHMS="HS256,RS256",
     )
     assert rs_on_secret.returncode != 0
     assert "listening on" not in rs_on_secret.stdout

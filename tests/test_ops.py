@@ -19,6 +19,7 @@ from support import (
     connect,
     new_user,
     restartable_redis,
+    serve_exits,
     stamp,
     token_for,
     wait_for,
@@ -314,22 +315,6 @@ async def test_metrics_add_up_over_the_workers(hub_factory, user):
     assert seen == {20.0}, seen
 
 
-def _serve_refused(tmp_path, **env: str) -> subprocess.CompletedProcess[str]:
-    """``hub serve`` with these settings; it is expected to stop at once."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    full.update({"HUB_PORT": "0", "HUB_JWT_SECRET": "s" * 40, "HUB_DATA_DIR": str(tmp_path)})
-    full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "hub", "serve"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -347,7 +332,7 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
                 "hub: cannot listen on 127.0.0.1:",
             ),
         ):
-            done = _serve_refused(tmp_path, HUB_HOST="127.0.0.1", **env)
+            done = serve_exits(tmp_path, HUB_HOST="127.0.0.1", HUB_JWT_SECRET="s" * 40, **env)
             assert done.returncode == 2, done.stderr
             assert done.stderr.startswith(says), done.stderr
             assert "Traceback" not in done.stderr and "pw-not-shown" not in done.stderr
