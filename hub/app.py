@@ -99,6 +99,7 @@ class Hub:
         self.authenticator = authenticator
         self.presence: Presence = presence or MemoryPresence()
         self.development_secret: str | None = None  # set only in development mode
+        self.draining = False  # a graceful shutdown has begun
         self.keys_enabled = keys_enabled
         self.push_limits = Buckets(settings.rate_pushes_per_s, settings.rate_burst_s)
         self.request_limits = Buckets(settings.rate_requests_per_s, settings.rate_burst_s)
@@ -220,6 +221,7 @@ class Hub:
     async def drain(self) -> None:
         """Graceful shutdown, the hub's part: close WebSockets in batches with
         1012 and a jittered retry hint; let queued pushes commit (bounded)."""
+        self.draining = True
         connections = list(self.coordinators.connections())
         log.info("draining", extra={"connections": len(connections)})
         await drain_connections(

@@ -9,6 +9,7 @@ anything else is a logged 500 ``internal``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -77,6 +78,13 @@ def endpoint(handler: Handler) -> Handler:
         except ClientDisconnect:
             log.info("client went away mid-request", extra={"path": request.url.path})
             return Response(status_code=499)
+        except asyncio.CancelledError:
+            # Cut by the shutdown's bound (the database does not answer): an
+            # answer the client can act on, not the server's bare 500.
+            if not hub_of(request).draining:
+                raise
+            log.warning("request cut by the shutdown", extra={"path": request.url.path})
+            return error_response(Unavailable("the hub is shutting down; retry", retry_after=1.0))
         except Exception:
             log.exception("unhandled error", extra={"path": request.url.path})
             return error_response(Internal("internal error"))

@@ -425,6 +425,7 @@ class TcpProxy:
         self._flows: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cut = False
+        self._freeze_new = False
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -451,7 +452,11 @@ class TcpProxy:
         netloc = parts.netloc.rsplit(":", 1)[0] + f":{self.port}"
         return urlunsplit(parts._replace(netloc=netloc))
 
-    def freeze(self) -> None:
+    def freeze(self, new_flows: bool = False) -> None:
+        """Stop carrying anything on the flows open now (as a NAT that dropped
+        them); with ``new_flows``, on those made later too (a server that
+        hangs)."""
+        self._freeze_new = new_flows
         for flow in self._flows:
             flow["frozen"] = True
 
@@ -470,7 +475,7 @@ class TcpProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        flow: dict[str, Any] = {"frozen": False, "writers": [client_w]}
+        flow: dict[str, Any] = {"frozen": self._freeze_new, "writers": [client_w]}
         self._flows.append(flow)
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         flow["writers"].append(server_w)

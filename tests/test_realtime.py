@@ -419,6 +419,13 @@ async def test_fan_out_resumes_after_a_redis_restart(hub_factory):
         await receiver.close()
 
 
+async def _http_pull(hub, user: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(
+            f"{hub.url}/v1/sync/pull", headers={"Authorization": f"Bearer {token_for(user)}"}
+        )
+
+
 async def _health(hub, predicate):
     async with httpx.AsyncClient(timeout=10) as client:
         body = (await client.get(f"{hub.url}/health")).json()
@@ -707,14 +714,15 @@ async def test_a_stuck_database_does_not_hold_the_shutdown_past_its_bound(
         hub = await asyncio.to_thread(hub_factory, env)
         user = new_user()
         assert (await http_push(hub, user, [change("t0", stamp(), x=0)])).status_code == 200
-        proxy.freeze()
+        proxy.freeze(new_flows=True)
         pushing = asyncio.create_task(http_push(hub, user, [change("t1", stamp(), x=1)]))
-        await asyncio.sleep(0.5)  # the push is waiting on the database
+        pulling = asyncio.create_task(_http_pull(hub, user))
+        await asyncio.sleep(0.5)  # both are waiting on the database
         started = time.monotonic()
         hub.proc.send_signal(signal.SIGTERM)
-        answer = await asyncio.wait_for(pushing, 10)
-        assert answer.status_code == 503, answer.text
-        assert answer.json()["error"]["code"] == "unavailable"
+        for answer in await asyncio.wait_for(asyncio.gather(pushing, pulling), 10):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "unavailable"
         await asyncio.to_thread(hub.proc.wait, 10)
         assert time.monotonic() - started < 2 + 1.0  # the bound, and the process's own exit
 
