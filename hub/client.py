@@ -580,7 +580,8 @@ class HubClient:
         self._pulling = False
         self._pull_wanted = asyncio.Event()
         self._push_wake = asyncio.Event()
-        self._refreshed_at = -math.inf  # when a fresh token was last sent
+        self._refreshed_at = -math.inf  # when a fresh token was last asked for
+        self._refreshing = False  # a refresh is waiting or under way
         self._requests: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._fatal: BaseException | None = None
@@ -1062,14 +1063,11 @@ class HubClient:
             await self._on_push_error(mid, message)
         elif kind == "error":
             log.warning("the hub reported %s: %s", message.get("code"), message.get("message"))
-        elif (
-            kind == "auth_expiring"
-            and callable(self._credential)
-            and time.monotonic() - self._refreshed_at >= REFRESH_MIN_INTERVAL_S
-        ):
-            # (At most one refresh per interval: a token minted with less than
-            # a minute to live is warned about at once, again and again.)
-            self._refreshed_at = time.monotonic()
+        elif kind == "auth_expiring" and callable(self._credential) and not self._refreshing:
+            # At most one refresh per interval (a token minted with less than
+            # a minute to live is warned about at once, again and again); a
+            # warning within it is answered when it ends, not dropped.
+            self._refreshing = True
             task = asyncio.create_task(self._refresh(ws), name="hub-client-auth")
             helpers.add(task)
             task.add_done_callback(helpers.discard)
@@ -1131,6 +1129,7 @@ class HubClient:
         self._report(PushRejected(push_id, code, str(message.get("message")), changes))
         self._resync_wanted = True
         self._want_pull()
+        self._push_wake.set()  # a push slot is free again
 
     async def _rebatch(self, push_id: str, groups: list[list[_Entry]]) -> None:
         """Replace an unacked push by pushes of ``groups`` of its changes, each
@@ -1146,9 +1145,15 @@ class HubClient:
         self._push_wake.set()
 
     async def _refresh(self, ws: ClientConnection) -> None:
-        """Send a fresh token before the connection's one expires."""
-        token = await self._credential_now()
-        await ws.send(_dumps({"type": "auth", "token": token}))
+        """Send a fresh token before the connection's one expires (not sooner
+        than REFRESH_MIN_INTERVAL_S after the last one)."""
+        try:
+            await asyncio.sleep(self._refreshed_at + REFRESH_MIN_INTERVAL_S - time.monotonic())
+            self._refreshed_at = time.monotonic()
+            token = await self._credential_now()
+            await ws.send(_dumps({"type": "auth", "token": token}))
+        finally:
+            self._refreshing = False
 
     # -- pushing ------------------------------------------------------------------------
 

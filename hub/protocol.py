@@ -72,7 +72,13 @@ INT_RANGE = range(-(2**63), 2**64)  # the integers orjson reads and writes as th
 EXPONENT_RE = re.compile(rb"[0-9][eE][-+]?[0-9]")
 # What sends a value's encoding to the careful checks: a NUL (escaped), or a
 # digit before an exponent mark. (One search; faster here than two `in`s.)
-DOUBT_RE = re.compile(rb"\\u0000|[0-9][eE]")
+DOUBT_RE = re.compile(rb"\\u0000|[0-9][eE]|-0(?:\.0+)?(?![0-9.eE])")
+# Numbers jsonb spells otherwise: an exponent, or a negative zero (no sign).
+RESPELL_RE = re.compile(rb"[0-9][eE][-+]?[0-9]|-0(?:\.0+)?(?![0-9.eE])")
+# How much longer a push's values may get once their numbers are written out
+# in full, over all its changes (each value is also bounded by itself): the
+# hub holds them written out until they are stored, and PostgreSQL stores them.
+MAX_PUSH_GROWTH_BYTES = 1024 * 1024
 MAX_VALUE_DEPTH = 128  # arrays and objects inside each other, in one value
 MAX_FRACTION_DIGITS = 16383  # what PostgreSQL's numeric keeps after the decimal point
 ORIGINS = frozenset({"user", "agent", "system", "migration"})
@@ -242,7 +248,26 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
+class _Growth:
+    """What the values of one push may still grow by once written out."""
+
+    def __init__(self, limit: int = MAX_PUSH_GROWTH_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, extra: int) -> None:
+        self.used += extra
+        if self.used > self.limit:
+            raise PayloadTooLarge(
+                "what the push's numbers add once written out in full (bytes)",
+                self.used,
+                self.limit,
+            )
+
+
+def _encode_value(
+    value: Any, limit: int, what: str, index: int, growth: _Growth | None = None
+) -> str:
     """A value's JSON text after every check of PROTOCOL.md; the slow path of
     :func:`_change`, which tries the common case inline first."""
     try:
@@ -257,8 +282,8 @@ def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
             f"nested more than {MAX_VALUE_DEPTH} arrays or objects deep", index=index, field=what
         )
     size = len(encoded)
-    exponents = EXPONENT_RE.search(encoded) is not None
-    if exponents:
+    respell = RESPELL_RE.search(encoded) is not None
+    if respell:
         try:
             size += _written_out_excess(value)
         except _Unstorable as exc:
@@ -275,21 +300,29 @@ def _encode_value(value: Any, limit: int, what: str, index: int) -> str:
     # cheap byte search finds every candidate and the walk rules out look-alikes.
     if b"\\u0000" in encoded and _has_nul(value):
         raise InvalidChange("strings may not contain U+0000", index=index, field=what)
-    if exponents:
-        # Spelled as jsonb spells it (no exponents), so that the event, the
-        # pusher's own replica and a later pull read the same number:
-        # 2.5e+300 is an integer of 301 digits once stored.
+    if respell:
+        if growth is not None:
+            growth.take(size - len(encoded))
+        # Spelled as jsonb spells it (no exponents, no negative zero), so that
+        # the event, the pusher's own replica and a later pull read the same
+        # number: 2.5e+300 is an integer of 301 digits once stored.
         encoded = orjson.dumps(_written_out(value), default=_exact_number)
     return encoded.decode()
 
 
 def _written_out(value: Any) -> Any:
-    """``value`` with each number that has an exponent as its plain digits."""
+    """``value`` with each number spelled as jsonb spells it: plain digits for
+    an exponent, no sign on a zero."""
     if isinstance(value, float) and math.isfinite(value) or isinstance(value, Decimal):
         text = _dumps_value(value).decode()
-        if "e" in text or "E" in text:
-            return orjson.Fragment(format(Decimal(text), "f").encode())
+        number = Decimal(text)
+        if "e" in text or "E" in text or (number.is_zero() and number.is_signed()):
+            return orjson.Fragment(
+                format(abs(number) if number.is_zero() else number, "f").encode()
+            )
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and value not in INT_RANGE:
+        return Decimal(value)  # (orjson writes no integer beyond 64 bits itself)
     if isinstance(value, list):
         return [_written_out(v) for v in value]
     if isinstance(value, dict):
@@ -339,7 +372,7 @@ COLLECTION_NAMES = _Names(NAME_RE, allow_underscore=True)
 FIELD_NAMES = _Names(NAME_RE, allow_underscore=False)
 
 
-def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
+def _change(raw: Any, index: int, limits: Limits, now_ms: int, growth: _Growth) -> Change:
     if not isinstance(raw, dict):
         raise InvalidChange("a change must be an object", index=index)
     if not CHANGE_KEYS.issuperset(raw):
@@ -359,7 +392,7 @@ def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
         raise InvalidChange(f"must be one of {sorted(ORIGINS)}", index=index, field="origin")
     actor = None
     if raw.get("actor") is not None:
-        actor = _encode_value(raw["actor"], MAX_ACTOR_BYTES, "actor", index)
+        actor = _encode_value(raw["actor"], MAX_ACTOR_BYTES, "actor", index, growth)
     op = raw.get("op")
     drift = limits.max_clock_drift_ms
     if op == "delete":
@@ -411,7 +444,7 @@ def _change(raw: Any, index: int, limits: Limits, now_ms: int) -> Change:
             )
             or DOUBT_RE.search(encoded) is not None
         ):
-            value = _encode_value(value, max_value, f"fields.{name}", index)
+            value = _encode_value(value, max_value, f"fields.{name}", index, growth)
         else:
             value = encoded.decode()
         stamp = spec["hlc"]
@@ -431,7 +464,8 @@ def parse_changes(raw: Any, limits: Limits, now_ms: int) -> tuple[Change, ...]:
         raise BadRequest("'changes' must be an array")
     if len(raw) > limits.max_changes_per_push:
         raise PayloadTooLarge("number of changes", len(raw), limits.max_changes_per_push)
-    return tuple(_change(item, i, limits, now_ms) for i, item in enumerate(raw))
+    growth = _Growth()
+    return tuple(_change(item, i, limits, now_ms, growth) for i, item in enumerate(raw))
 
 
 def parse_http_push(

@@ -567,3 +567,55 @@ async def test_an_iterator_made_after_close_ends(tmp_path: Path) -> None:
     await phone.start()
     await phone.close()
     assert [u async for u in phone.changes()] == []
+
+
+async def test_refused_pushes_free_their_slots_for_the_rest(
+    shared_hub: HubProcess, tmp_path: Path
+) -> None:
+    # A read-only key: every push is refused. With the answers slowed, more
+    # than the 16 pushes in flight are queued; each refusal makes room, so
+    # all of them are sent and answered without another write to wake it.
+    from support import TcpProxy
+
+    user = new_user()
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(
+            f"{shared_hub.url}/v1/api-keys",
+            json={"name": "reader", "scopes": ["read"]},
+            headers={"Authorization": f"Bearer {token_for(user)}"},
+        )
+    assert r.status_code == 201, r.text
+    refused: list[Any] = []
+    port = int(shared_hub.url.rsplit(":", 1)[1])
+    async with TcpProxy(port, delay_s=0.2) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}"
+        async with HubClient(
+            url, r.json()["key"], "d", data_path=tmp_path / "d.db", on_error=refused.append
+        ) as d:
+            await wait_for(lambda: d.connected, WAIT_S)
+            for i in range(40):
+                await d.upsert("todos", f"t{i}", n=i)
+            await wait_for(lambda: d.pending == 0, WAIT_S)
+            assert sum(len(e.changes) for e in refused) == 40
+
+
+async def test_a_warning_within_the_refresh_interval_is_answered_after_it(
+    shared_hub: HubProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tokens of 59 s: the hub warns at once after each swap. With the interval
+    # at 0.5 s, the client keeps refreshing, every 0.5 s, never dropping one.
+    import hub.client
+
+    monkeypatch.setattr(hub.client, "REFRESH_MIN_INTERVAL_S", 0.5)
+    user = new_user()
+    calls: list[float] = []
+
+    def fetch_token() -> str:
+        calls.append(time.monotonic())
+        return hs_token(user, int(time.time()) + 59)
+
+    async with HubClient(shared_hub.url, fetch_token, "d", data_path=tmp_path / "d.db") as d:
+        await d.synced(WAIT_S)
+        await wait_for(lambda: len(calls) >= 6, WAIT_S)
+        gaps = [b - a for a, b in zip(calls[1:], calls[2:], strict=False)]
+        assert all(gap >= 0.45 for gap in gaps), gaps

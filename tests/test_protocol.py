@@ -357,7 +357,7 @@ def test_numbers_are_read_the_same_whatever_else_the_push_holds() -> None:
     with_digits = plain.replace(b'"id":"i"', b'"id":"1234567890123456"')
     assert with_digits != plain
     (a,), (b,) = http(plain).changes, http(with_digits).changes
-    assert a.fields[0].value == b.fields[0].value == "[1500.0,2.5,0.0000001,0.1,-0.0]"
+    assert a.fields[0].value == b.fields[0].value == "[1500.0,2.5,0.0000001,0.1,0.0]"
 
 
 def test_value_nested_128_deep_is_accepted() -> None:
@@ -818,3 +818,28 @@ def test_bad_message_id_is_bad_request(mid: Any) -> None:
     # A NUL would reach PostgreSQL in the receipt and fail the whole batch.
     with pytest.raises(BadRequest, match="'id'"):
         message_id({"type": "push", "id": mid}, required=True)
+
+
+def test_what_a_push_grows_by_once_written_out_is_bounded() -> None:
+    # Each value is within its 64 KiB written out, but 20 of them would make the
+    # hub hold (and PostgreSQL store) over 1 MiB more than the push carried.
+    many = "[" + ",".join(["1e300"] * 200) + "]"
+    change = {"collection": "c", "op": "upsert", "fields": {"v": {"value": 0, "hlc": S}}}
+    changes = [{**change, "id": f"r{i}"} for i in range(20)]
+    raw = orjson.dumps(changes).replace(b'"value":0', b'"value":' + many.encode())
+    with pytest.raises(PayloadTooLarge, match="written out"):
+        http(b'{"device":"d","changes":' + raw + b"}")
+    assert len(http(b'{"device":"d","changes":' + raw.replace(b"1e300", b"1") + b"}").changes) == 20
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ([1e300, 2**70], "[1" + "0" * 300 + f",{2**70}]"),  # a client's values, not parsed JSON
+        ({"t": 1e-7, "id": 2**64}, '{"t":0.0000001,"id":18446744073709551616}'),
+        ([-0.0, 1, -0.05], "[0.0,1,-0.05]"),  # jsonb has no negative zero
+    ],
+)
+def test_numbers_are_spelled_as_they_will_be_stored(value: Any, stored: str) -> None:
+    (change,) = parse_changes([up(title(value))], LIMITS, NOW)
+    assert change.fields[0].value == stored
