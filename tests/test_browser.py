@@ -562,7 +562,9 @@ class Relay:
       ``retry_after``, as the hub answers them when busy;
     - ``hold_pulls``: that many answers to pulls from a cursor (not from 0) are
       kept in ``held`` until :meth:`release`;
-    - ``after_welcome``: messages sent to the page right after a welcome.
+    - ``after_welcome``: messages sent to the page right after a welcome;
+    - ``max_changes``: pushes of more changes are answered payload_too_large,
+      as a hub set to take fewer changes per push answers them.
     """
 
     def __init__(self) -> None:
@@ -572,6 +574,8 @@ class Relay:
         self.held: list[tuple[WebSocketRoute, str]] = []
         self.after_welcome: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
         self.pulls: dict[str, Any] = {}  # pull id -> since
+        self.max_changes: int | None = None
+        self.refused_pushes = 0
 
     def __call__(self, ws: WebSocketRoute) -> None:
         if self.refuse_connections > 0:
@@ -584,6 +588,19 @@ class Relay:
 
         def from_page(text: str | bytes) -> None:
             message = json.loads(text)
+            too_many = (
+                self.max_changes is not None and len(message.get("changes", [])) > self.max_changes
+            )
+            if message.get("type") == "push" and too_many:
+                self.refused_pushes += 1
+                refusal = {
+                    "type": "error",
+                    "code": "payload_too_large",
+                    "message": f"number of changes is {len(message['changes'])}",
+                    "id": message["id"],
+                }
+                ws.send(json.dumps(refusal))
+                return
             if message.get("type") == "pull":
                 self.pulls[message["id"]] = message["since"]
                 if self.refuse_pulls:
@@ -818,6 +835,30 @@ def test_a_change_too_big_for_one_message_never_blocks_the_outbox(devices: Devic
     ], seen["errors"]
     assert [c["code"] for c in seen["closes"]] == [1006], seen["closes"]  # going offline only
     assert hub_titles(hub, user) == ["After the big one", "Before the big one"]
+    wait_equal([page], hub, user)
+
+
+def test_a_hub_taking_fewer_changes_per_push_gets_them_all(devices: Devices) -> None:
+    """A push refused as payload_too_large (a hub taking fewer changes per push
+    than the client's 200) goes again in halves; nothing is dropped."""
+    hub = devices.hub
+    user = new_user()
+    relay = Relay()
+    context = devices.new()
+    page = devices.open(context, user, relay)
+    wait_synced(page, 0)
+    watch(page)
+    context.set_offline(True)
+    expect(page.locator("#state")).to_have_text("offline")
+    relay.max_changes = 5
+    for i in range(12):
+        add(page, f"Offline {i:02d}")
+    expect(page.locator("#pending")).to_have_text("12 pending")
+    context.set_offline(False)
+    wait_synced(page, 12)
+    assert relay.refused_pushes >= 1
+    assert page.evaluate("() => window.seen.errors") == []
+    assert hub_titles(hub, user) == [f"Offline {i:02d}" for i in range(12)]
     wait_equal([page], hub, user)
 
 

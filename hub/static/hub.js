@@ -24,6 +24,9 @@ const MAX_ACTOR_BYTES = 4 * 1024;
 const MAX_ID_CHARS = 128;
 // One change, and the push message around it, fit the hub's 1 MiB message limit.
 const MAX_CHANGE_BYTES = 1024 * 1024 - 4096;
+// What one message can still carry alone (its push wrapper is under 100 bytes):
+// a change queued by an older client is dropped only past this.
+const MAX_SENDABLE_CHANGE_BYTES = 1024 * 1024 - 256;
 const ORIGINS = Object.freeze(["user", "agent", "system", "migration"]);
 // A UTF-16 surrogate without its pair: no UTF-8 for it, so the hub cannot read it.
 const LONE_SURROGATE_RE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
@@ -299,6 +302,7 @@ export class HubClient extends EventTarget {
     this._heartbeatMs = 30_000;
     this._requests = new Map(); // message id -> {resolve, reject}
     this._inFlight = new Map(); // push id -> retry timer or null
+    this._batchCap = MAX_BATCH_CHANGES; // lowered when the hub takes fewer changes per push
     this._flushing = null;
     this._flushAgain = false;
     this._pulling = null;
@@ -1042,7 +1046,7 @@ export class HubClient extends EventTarget {
       const all = [];
       for (const entry of await req(outbox.getAll())) {
         const size = jsonBytes(entry.change);
-        if (size > MAX_CHANGE_BYTES) {
+        if (size > MAX_SENDABLE_CHANGE_BYTES) {
           tooBig.push(entry.change);
           outbox.delete(entry.seq);
         } else {
@@ -1060,7 +1064,7 @@ export class HubClient extends EventTarget {
       let bytes = 0;
       for (const { entry, size } of all) {
         if (entry.batch) continue;
-        if (fresh.length >= MAX_BATCH_CHANGES || (fresh.length > 0 && bytes + size > MAX_BATCH_BYTES)) {
+        if (fresh.length >= this._batchCap || (fresh.length > 0 && bytes + size > MAX_BATCH_BYTES)) {
           break;
         }
         fresh.push(entry);
@@ -1135,6 +1139,17 @@ export class HubClient extends EventTarget {
         this._flush();
         return;
       }
+      case "payload_too_large":
+        // The hub takes fewer changes in one push than this one held (its
+        // HUB_MAX_CHANGES_PER_PUSH may be lower than 200): the same changes go
+        // again in two halves, and pushes stay that small from now on. A lone
+        // change it still refuses is dropped, as below.
+        if (await this._splitBatch(id)) {
+          this._inFlight.delete(id);
+          this._flush();
+          return;
+        }
+      // falls through
       default: {
         // The hub refuses these changes for good (invalid_change, payload_too_large,
         // forbidden). When it names the one change it refuses, only that one is
@@ -1162,6 +1177,27 @@ export class HubClient extends EventTarget {
    * Returns the outbox entries left out; null (and nothing changed) when the
    * push has no change at `without`.
    */
+  /** Move the changes of a refused push to two new pushes, half each; false for a lone change. */
+  async _splitBatch(id) {
+    const first = randomId("p-");
+    const second = randomId("p-");
+    const count = await transact(this.db, [OUTBOX], "readwrite", async (tx) => {
+      const outbox = tx.objectStore(OUTBOX);
+      const keys = await req(outbox.index("batch").getAllKeys(id)); // in seq order
+      if (keys.length < 2) return keys.length;
+      const half = Math.ceil(keys.length / 2);
+      for (const [i, key] of keys.entries()) {
+        const entry = await req(outbox.get(key));
+        entry.batch = i < half ? first : second;
+        outbox.put(entry);
+      }
+      return keys.length;
+    });
+    if (count < 2) return false;
+    this._batchCap = Math.max(1, Math.min(this._batchCap, Math.ceil(count / 2)));
+    return true;
+  }
+
   async _renameBatch(id, without) {
     const fresh = randomId("p-");
     const dropped = await transact(this.db, [OUTBOX], "readwrite", async (tx) => {
