@@ -248,25 +248,20 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-class _Growth:
-    """What the values of one push may still grow by once written out."""
-
-    def __init__(self, limit: int = MAX_PUSH_GROWTH_BYTES) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, extra: int) -> None:
-        self.used += extra
-        if self.used > self.limit:
-            raise PayloadTooLarge(
-                "what the push's numbers add once written out in full (bytes)",
-                self.used,
-                self.limit,
-            )
+def _grow(growth: list[int], extra: int) -> None:
+    """Count ``extra`` bytes of growth against a push's ``growth`` (one cell:
+    bytes so far; a list, as this runs once per push on the hot path)."""
+    growth[0] += extra
+    if growth[0] > MAX_PUSH_GROWTH_BYTES:
+        raise PayloadTooLarge(
+            "what the push's numbers add once written out in full (bytes)",
+            growth[0],
+            MAX_PUSH_GROWTH_BYTES,
+        )
 
 
 def _encode_value(
-    value: Any, limit: int, what: str, index: int, growth: _Growth | None = None
+    value: Any, limit: int, what: str, index: int, growth: list[int] | None = None
 ) -> str:
     """A value's JSON text after every check of PROTOCOL.md; the slow path of
     :func:`_change`, which tries the common case inline first."""
@@ -302,7 +297,7 @@ def _encode_value(
         raise InvalidChange("strings may not contain U+0000", index=index, field=what)
     if respell:
         if growth is not None:
-            growth.take(size - len(encoded))
+            _grow(growth, size - len(encoded))
         # Spelled as jsonb spells it (no exponents, no negative zero), so that
         # the event, the pusher's own replica and a later pull read the same
         # number: 2.5e+300 is an integer of 301 digits once stored.
@@ -372,7 +367,7 @@ COLLECTION_NAMES = _Names(NAME_RE, allow_underscore=True)
 FIELD_NAMES = _Names(NAME_RE, allow_underscore=False)
 
 
-def _change(raw: Any, index: int, limits: Limits, now_ms: int, growth: _Growth) -> Change:
+def _change(raw: Any, index: int, limits: Limits, now_ms: int, growth: list[int]) -> Change:
     if not isinstance(raw, dict):
         raise InvalidChange("a change must be an object", index=index)
     if not CHANGE_KEYS.issuperset(raw):
@@ -464,7 +459,7 @@ def parse_changes(raw: Any, limits: Limits, now_ms: int) -> tuple[Change, ...]:
         raise BadRequest("'changes' must be an array")
     if len(raw) > limits.max_changes_per_push:
         raise PayloadTooLarge("number of changes", len(raw), limits.max_changes_per_push)
-    growth = _Growth()
+    growth = [0]
     return tuple(_change(item, i, limits, now_ms, growth) for i, item in enumerate(raw))
 
 
