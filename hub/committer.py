@@ -122,7 +122,10 @@ class Committer:
             for (push, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     if isinstance(result, PushResult) and self.on_late_commit is not None:
-                        self.on_late_commit(push, result)
+                        try:
+                            self.on_late_commit(push, result)
+                        except Exception:  # its event is best effort; the others' answers are not
+                            log.exception("could not publish the event of a late commit")
                     continue
                 if isinstance(result, HubError):
                     future.set_exception(result)
