@@ -16,6 +16,9 @@ import asyncio
 import logging
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .presence import MemoryPresence
@@ -45,7 +48,7 @@ REFRESH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for i = 2, #ARGV do
-    redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i])
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[1]) * 2000))
 return 1
@@ -65,7 +68,16 @@ def key(user: str) -> str:
 
 class RedisPresence:
     def __init__(self, url: str, *, ttl_s: float = 30.0) -> None:
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        # One retry on a fresh connection: after a Redis restart the pooled
+        # connections are dead, and the first admission would otherwise fall
+        # back to this process's own count.
+        self._client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=2.0,
+            socket_timeout=2.0,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
         self._ttl_s = ttl_s
         self._admit = self._client.register_script(ADMIT)
         self._refresh = self._client.register_script(REFRESH)
@@ -73,6 +85,10 @@ class RedisPresence:
         self._local = MemoryPresence()
         self._mine: dict[str, set[str]] = {}
         self._task: asyncio.Task[None] | None = None
+        # Released while a refresh was on its way: removed again after it, so
+        # that the refresh (which adds every connection it names, to put them
+        # back after a Redis restart) leaves no entry of a closed one.
+        self._released: list[tuple[str, str]] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
@@ -108,6 +124,8 @@ class RedisPresence:
             mine.discard(connection)
             if not mine:
                 del self._mine[user]
+        if self._released is not None:
+            self._released.append((user, connection))
         asyncio.get_running_loop().create_task(self._forget(user, connection))
 
     async def _forget(self, user: str, connection: str) -> None:
@@ -119,6 +137,10 @@ class RedisPresence:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self._ttl_s / 3)
+            # Every connection of this process, added again if missing: after a
+            # Redis restart (which keeps nothing), and for connections admitted
+            # on the local count while Redis was away, so the limit holds again.
+            self._released = []
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for user, connections in list(self._mine.items()):
@@ -128,3 +150,6 @@ class RedisPresence:
                     await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("presence refresh failed: %s", type(exc).__name__)
+            released, self._released = self._released, None
+            for user, connection in released:
+                await self._forget(user, connection)

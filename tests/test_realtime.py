@@ -754,3 +754,54 @@ async def test_an_events_origin_is_that_of_the_change_that_altered_the_record(sh
     assert pulled[0]["origin"] == "user"
     await receiver.close()
     await pusher.close()
+
+
+async def test_the_connection_limit_holds_again_after_a_redis_restart(hub_factory):
+    # Redis keeps nothing across a restart: each process writes its open
+    # connections back at its next refresh, so the other process refuses again.
+    import redis.asyncio as aioredis
+    from support import restartable_redis
+
+    with restartable_redis() as redis_server:
+        env = {"HUB_REDIS_URL": redis_server.url, "HUB_MAX_CONNECTIONS_PER_USER": "3"}
+        hub1, hub2 = hub_factory(env), hub_factory(env)
+        user = new_user()
+        held = [await connect(hub1, user, f"d{i}") for i in range(3)]
+        with pytest.raises((ConnectionClosed, InvalidStatus)):
+            await (await connect(hub2, user, "fourth")).recv()
+        redis_server.stop()
+        redis_server.start()
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await wait_for(lambda: _counted(client, user, 3), timeout=25, interval=0.5)
+        finally:
+            await client.aclose()
+        with pytest.raises((ConnectionClosed, InvalidStatus)) as refused:
+            await (await connect(hub2, user, "fourth")).recv()
+        if isinstance(refused.value, ConnectionClosed):
+            assert refused.value.rcvd is not None and refused.value.rcvd.code == 4009
+        for d in held:
+            await d.close()
+
+
+async def _counted(client, user: str, count: int) -> bool:
+    return bool(await client.zcard(f"hub:c:{user}") == count)
+
+
+async def test_messages_that_are_not_messages_count_against_the_rate(hub_factory):
+    # Junk (not JSON, not an object) is refused with bad_request, and counted:
+    # a flood of it is closed with 4008, as a flood of pings is.
+    hub = hub_factory({"HUB_RATE_MESSAGES_PER_S": "2", "HUB_RATE_BURST_S": "1"})
+    d = await RawClient.open(hub, new_user(), "junk")
+    assert (await d.message())["type"] == "welcome"
+    frames = []
+    for _ in range(40):
+        mask = secrets.token_bytes(4)
+        payload = b"not json"
+        frames.append(
+            bytes([0x81, 0x80 | len(payload)])
+            + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        )
+    d.writer.write(b"".join(frames))
+    assert await d.close_code(timeout=10) == 4008
