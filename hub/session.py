@@ -359,19 +359,18 @@ class Session:
     def _handle(self, raw: str | bytes) -> None:
         mid: str | None = None
         try:
-            message = protocol.loads(raw, exact=True)
-            if not isinstance(message, dict):
-                raise BadRequest("a message must be a JSON object")
+            try:
+                message = protocol.loads(raw, exact=True)
+                if not isinstance(message, dict):
+                    raise BadRequest("a message must be a JSON object")
+            except BadRequest:
+                if self._over_rate():  # what is not a message counts as one
+                    return
+                raise
             if isinstance(message.get("id"), str):
                 mid = message["id"][: protocol.MAX_MESSAGE_ID_CHARS]
-            wait = self._messages.take(time.monotonic())
-            if wait:
-                self._strikes += 1
-                if self._strikes > MAX_STRIKES:
-                    self.close_soon(WS_4008_RATE_LIMITED, "rate limited")
-                    return
-                raise RateLimited(f"too many messages; retry in {wait:.2f}s", wait)
-            self._strikes = 0
+            if self._over_rate():
+                return
             kind = message.get("type")
             if kind == "push":
                 self._push(message)
@@ -391,6 +390,19 @@ class Session:
                 raise BadRequest(f"unknown message type {str(kind)[:40]!r}")
         except HubError as exc:
             self.deliver(protocol.error_of(exc, mid))
+
+    def _over_rate(self) -> bool:
+        """Take a message from the connection's rate: RateLimited when over it,
+        and True when over it MAX_STRIKES times in a row (closed with 4008)."""
+        wait = self._messages.take(time.monotonic())
+        if not wait:
+            self._strikes = 0
+            return False
+        self._strikes += 1
+        if self._strikes > MAX_STRIKES:
+            self.close_soon(WS_4008_RATE_LIMITED, "rate limited")
+            return True
+        raise RateLimited(f"too many messages; retry in {wait:.2f}s", wait)
 
     def _push(self, message: dict[str, Any]) -> None:
         assert self.principal is not None
