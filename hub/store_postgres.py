@@ -291,6 +291,9 @@ WHERE k.id = x.id AND (k.last_used_at IS NULL OR k.last_used_at < to_timestamp(x
 """
 
 RETENTION_LOCK = 0x6875625F726574  # advisory lock: one purging process at a time
+# Tombstones purged per transaction: it holds its users' version locks, and
+# their pushes wait meanwhile (measured: 400,000 in one took 5.5 s).
+PURGE_RECORDS_PER_TRANSACTION = 1000
 
 # A tombstone: a deleted record none of whose fields is stamped after the delete.
 DEAD = """
@@ -307,13 +310,17 @@ SELECT DISTINCT r.user_id FROM hub_records r WHERE {DEAD} ORDER BY 1 LIMIT $2
 """
 
 # Under the users' version locks (as pushes take them), so that a push
-# reviving a record cannot interleave: delete the tombstones, their fields,
-# and raise each user's horizon to the newest version purged.
+# reviving a record cannot interleave: delete at most $3 tombstones, oldest
+# versions first, their fields, and raise each user's horizon to the newest
+# version purged. (Bounded: the locks stall those users' pushes meanwhile.)
 PURGE_TOMBSTONES = f"""
 WITH gone AS (
-    DELETE FROM hub_records r
-    WHERE r.user_id = ANY($2::text[]) AND {DEAD}
-    RETURNING r.user_id, r.collection, r.record_id, r.version
+    DELETE FROM hub_records
+    WHERE ctid IN (
+        SELECT r.ctid FROM hub_records r
+        WHERE r.user_id = ANY($2::text[]) AND {DEAD}
+        ORDER BY r.user_id, r.version LIMIT $3)
+    RETURNING user_id, collection, record_id, version
 ), fields AS (
     DELETE FROM hub_fields f USING gone g
     WHERE f.user_id = g.user_id AND f.collection = g.collection AND f.record_id = g.record_id
@@ -589,7 +596,9 @@ class PostgresStore:
                         break
                     async with con.transaction():
                         await con.fetch(LOCK_USERS, users)
-                        row = await con.fetchrow(PURGE_TOMBSTONES, retention_s, users)
+                        row = await con.fetchrow(
+                            PURGE_TOMBSTONES, retention_s, users, PURGE_RECORDS_PER_TRANSACTION
+                        )
                     assert row is not None
                     records += row[0]
                     fields += row[1]

@@ -437,3 +437,34 @@ async def test_a_purge_inside_a_cursors_version_needs_a_reset(databases: Databas
         assert (await store.pull(user, PullQuery(after, 1, None))).changes == ()
     finally:
         await store.close()
+
+
+async def test_a_big_purge_goes_in_bounded_transactions(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+):
+    """Each purge transaction holds its users' version locks, which their
+    pushes wait for: it takes a bounded number of tombstones, and the purge
+    goes on in as many transactions as it needs, oldest versions first."""
+    from hub import store_postgres
+
+    monkeypatch.setattr(store_postgres, "PURGE_RECORDS_PER_TRANSACTION", 10)
+    url = await databases.acreate()
+    store = await PostgresStore.connect(url, max_size=2)
+    user = new_user()
+    try:
+        for i in range(25):  # 25 records written, then deleted: 50 versions
+            await commit_one(store, push(user, upsert(f"r{i:02d}", a=(i, stamp(2 * i)))))
+            await commit_one(store, push(user, delete(f"r{i:02d}", stamp(2 * i + 1))))
+        _, old_cursor, _ = await pull_all(store, user)
+        async with store.pool.acquire() as con:
+            before = await con.fetchval("SELECT txid_current()")
+        result = await store.purge(retention_s=0)
+        async with store.pool.acquire() as con:
+            used = await con.fetchval("SELECT txid_current()") - before - 1
+            horizon = await con.fetchval("SELECT horizon FROM hub_users WHERE user_id = $1", user)
+        assert (result["tombstones"], result["fields"]) == (25, 25)
+        assert used >= 3, used  # 25 tombstones, 10 at a time
+        assert horizon == 50
+        assert (await store.pull(user, PullQuery(old_cursor, 10, None))).changes == ()
+    finally:
+        await store.close()
