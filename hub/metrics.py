@@ -114,7 +114,7 @@ class Metrics:
             "hub_event_loop_lag_seconds",
             "How late the event loop ran a timer, last second (worst process)",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
     def exposition(self) -> bytes:

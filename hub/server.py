@@ -18,10 +18,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
@@ -38,6 +40,7 @@ WS_MAX_MESSAGE_BYTES = 1024 * 1024
 WS_SEND_BUFFER_BYTES = 256 * 1024
 DRAIN_BATCH = 200  # connections closed per step of a graceful shutdown
 DRAIN_STEP_S = 0.05
+WORKER_POLL_S = 0.2  # how often `hub serve --workers N` looks for a worker that exited
 
 
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
@@ -247,7 +250,19 @@ def run_workers(workers: int, sock: socket.socket, env: dict[str, str], argv: li
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
+    codes = []
+    running = list(children)
+    while running:
+        for child in [c for c in running if c.poll() is not None]:
+            running.remove(child)
+            codes.append(child.returncode)
+            # Its live gauges (connections, users online, pool, loop lag) leave
+            # the sum now, not when the whole hub stops.
+            multiprocess.mark_process_dead(child.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            if signals == 0:
+                log.error("worker %d exited (%s); the others go on", child.pid, child.returncode)
+        if running:
+            time.sleep(WORKER_POLL_S)
     sock.close()
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((abs(c) for c in codes), default=0) if any(c not in (0, -15) for c in codes) else 0

@@ -338,3 +338,48 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
             assert "Traceback" not in done.stderr and "pw-not-shown" not in done.stderr
     finally:
         taken.close()
+
+
+async def test_a_dead_workers_connections_leave_the_metrics(hub_factory, user):
+    """A worker killed outright: the connections it held are not counted in
+    /metrics any more (the other worker keeps serving)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    hub = hub_factory(args=["--workers", "2"])
+    await wait_for(lambda: hub.logs().count('"msg":"broker connected"') == 2, timeout=20)
+
+    def workers() -> list[int]:
+        children = Path(f"/proc/{hub.proc.pid}/task/{hub.proc.pid}/children").read_text().split()
+        return [
+            int(c) for c in children if b"--listen-fd" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+
+    devices = []
+    for i in range(8):  # new connections spread over both workers
+        devices.append(await connect(hub, user, f"d{i}"))
+
+    async def counted(n: float) -> bool:
+        try:
+            text = (await get(hub, "/metrics")).text
+        except httpx.TransportError:
+            return False  # the dead worker's socket was the one picked; try again
+        return metric(text, "hub_connections") == n
+
+    await wait_for(lambda: counted(8), timeout=15)  # every worker has reported its own
+    # Which worker holds how many (the kernel's view), to kill one that holds some.
+    sockets = subprocess.run(
+        ["ss", "-Htnp", "state", "established"], capture_output=True, text=True, check=True
+    ).stdout
+    port = hub.url.rsplit(":", 1)[1]
+    mine = [line for line in sockets.splitlines() if line.split()[2].endswith(f":{port}")]
+    counts = {pid: sum(f"pid={pid}," in line for line in mine) for pid in workers()}
+    victim = max(counts, key=lambda pid: counts[pid])
+    assert counts[victim] > 0, counts
+    os.kill(victim, signal.SIGKILL)
+
+    await wait_for(lambda: counted(8 - counts[victim]), timeout=15)
+    for d in devices:
+        await d.close()
+    await wait_for(lambda: counted(0), timeout=15)
