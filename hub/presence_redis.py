@@ -27,6 +27,11 @@ __all__ = ["RedisPresence"]
 
 log = logging.getLogger("hub.presence")
 
+# Redis connections for admissions and refreshes, per process. A connect
+# storm waits for one of them (at most the socket timeout) rather than opening
+# a connection per concurrent admission, which could exhaust Redis's clients.
+MAX_CONNECTIONS = 8
+
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -71,13 +76,16 @@ class RedisPresence:
         # One retry on a fresh connection: after a Redis restart the pooled
         # connections are dead, and the first admission would otherwise fall
         # back to this process's own count.
-        self._client = redis.Redis.from_url(
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=2.0,  # waiting for a free connection
             socket_connect_timeout=2.0,
             socket_timeout=2.0,
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
+        self._client = redis.Redis.from_pool(pool)  # closed with the client
         self._ttl_s = ttl_s
         self._admit = self._client.register_script(ADMIT)
         self._refresh = self._client.register_script(REFRESH)

@@ -446,6 +446,11 @@ class TcpProxy:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
 
+    @property
+    def flows_made(self) -> int:
+        """Connections made through the proxy so far."""
+        return len(self._flows)
+
     def url(self, scheme_url: str) -> str:
         """``scheme_url`` (a URL of the target) pointed at this proxy."""
         parts = urlsplit(scheme_url)

@@ -784,6 +784,23 @@ async def test_the_connection_limit_holds_again_after_a_redis_restart(hub_factor
             await d.close()
 
 
+async def test_a_connect_storm_uses_a_bounded_number_of_redis_connections(
+    hub_factory, redis_url
+):
+    # 80 users connecting at once to one hub: their admissions share a few
+    # Redis connections (it opened one per concurrent admission: 24 here),
+    # so a reconnect storm cannot use up Redis's clients.
+    from support import TcpProxy
+
+    async with TcpProxy(urlsplit(redis_url).port or 6379) as proxy:
+        hub = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
+        devices = await asyncio.gather(*(connect(hub, new_user(), "d") for _ in range(80)))
+        assert all(d.welcome["type"] == "welcome" for d in devices)
+        # The broker's two, and at most 8 for presence.
+        assert proxy.flows_made <= 10, proxy.flows_made
+        await asyncio.gather(*(d.close() for d in devices))
+
+
 async def _counted(client, user: str, count: int) -> bool:
     return bool(await client.zcard(f"hub:c:{user}") == count)
 
