@@ -123,7 +123,8 @@ class Settings:
         default=None,
         repr=False,
         metadata={
-            "help": "secret mixed into stored API key hashes; unset: derived from the dev secret"
+            "help": "secret mixed into stored API key hashes; unset: API keys are refused "
+            "(503), except with the development secret, from which it derives"
         },
     )
     allowed_origins: tuple[str, ...] = field(

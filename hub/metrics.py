@@ -99,7 +99,9 @@ class Metrics:
             "hub_auth_failures", "Refused credentials, by reason", ["reason"], registry=r
         )
         self.broker_reconnects = Counter(
-            "hub_broker_reconnects", "Times the broker connection was made again", registry=r
+            "hub_broker_reconnects",
+            "Broker connections lost, and attempts to connect that failed",
+            registry=r,
         )
         self.broker_dropped = Counter(
             "hub_broker_dropped_events", "Events not published: broker down", registry=r
