@@ -261,7 +261,7 @@ class Session:
                 "device": self.device,
                 "connection": self.id,
                 "version": version,
-                "heartbeat_s": hub.settings.heartbeat_s,
+                "heartbeat_s": _seconds(hub.settings.heartbeat_s),
             }
             early, self._early = self._early, None
             self.deliver(orjson.dumps(welcome).decode())
@@ -524,6 +524,12 @@ async def _resume(coro: Any, waiting: Any) -> None:
             waiting = coro.send(None)
         except StopIteration:
             return
+
+
+def _seconds(value: float) -> int | float:
+    """A duration as the protocol writes it: a whole number of seconds as an
+    integer (``30``, not ``30.0``, which a typed client may refuse)."""
+    return int(value) if value.is_integer() else value
 
 
 def _check_can_listen(principal: Principal) -> None:

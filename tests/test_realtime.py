@@ -142,6 +142,7 @@ async def test_large_events_become_sync_available(shared_hub, user):
 async def test_websocket_push_pull_ping_and_errors(shared_hub, user):
     d = await connect(shared_hub, user, "d1")
     assert d.welcome["version"] == 0 and d.welcome["user"] == user
+    assert d.welcome["heartbeat_s"] == 30 and isinstance(d.welcome["heartbeat_s"], int)
     await d.send({"type": "ping"})
     assert await d.expect("pong") == {"type": "pong"}
     await d.ws.send("{not json")
