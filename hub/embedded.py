@@ -44,9 +44,15 @@ def start_postgres(data_dir: str | Path, *, cleanup_mode: str = "stop") -> tuple
             "or set HUB_DATABASE_URL"
         ) from None
     root = Path(data_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    server = get_server(root / "pgdata", cleanup_mode=cleanup_mode)
-    return str(server.get_uri()), server
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        server = get_server(root / "pgdata", cleanup_mode=cleanup_mode)
+        return str(server.get_uri()), server
+    except Exception as exc:  # initdb, a port, a missing tool (useradd, as root): said in one line
+        raise EmbeddedError(
+            f"cannot start the embedded PostgreSQL in {root}: {type(exc).__name__}: {_line(exc)} "
+            "(or set HUB_DATABASE_URL)"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -73,8 +79,19 @@ def start_valkey(data_dir: str | Path | None = None) -> tuple[str, Any]:
             "several workers need a Redis for fan-out: set HUB_REDIS_URL, or install the "
             "hub with its 'embedded' extra (pip install 'hub[embedded]')"
         ) from None
-    server = ValkeyServer(
-        host="127.0.0.1", data_dir=str(data_dir) if data_dir else None, save="", appendonly="no"
-    )
-    server.start()
+    try:
+        server = ValkeyServer(
+            host="127.0.0.1", data_dir=str(data_dir) if data_dir else None, save="", appendonly="no"
+        )
+        server.start()
+    except Exception as exc:
+        raise EmbeddedError(
+            f"cannot start the embedded Redis: {type(exc).__name__}: {_line(exc)} "
+            "(or set HUB_REDIS_URL)"
+        ) from exc
     return f"redis://127.0.0.1:{server.port}/0", server
+
+
+def _line(exc: Exception) -> str:
+    """An error's message on one line (a failed command's may span many)."""
+    return " ".join(str(exc).split())[:500]

@@ -324,9 +324,15 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
     try:
         for env, says in (
             ({"HUB_DATABASE_URL": unreachable}, "hub: HUB_DATABASE_URL: cannot connect"),
+            (  # no database configured: the embedded one cannot start
+                {"HUB_DATA_DIR": str(not_a_dir / "data")},
+                "hub: cannot start the embedded PostgreSQL",
+            ),
             (
                 {"HUB_DATABASE_URL": database_url, "HUB_PORT": str(taken.getsockname()[1])},
                 "hub: cannot listen on 127.0.0.1:",
