@@ -120,6 +120,7 @@ class Hub:
         self._health_lock = asyncio.Lock()
         self._sampler: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
+        self._rechecker: asyncio.Task[None] | None = None
 
     async def push(self, push: Push) -> PushResult:
         """A push from HTTP: through the user's coordinator, like a WebSocket push."""
@@ -133,11 +134,13 @@ class Hub:
         self.broker.subscribe(CONTROL, self._control)
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
         self._retention = asyncio.get_running_loop().create_task(self._purge_periodically())
+        if self.broker.spans_processes:
+            self._rechecker = asyncio.get_running_loop().create_task(self._recheck_after_gaps())
 
     async def stop(self) -> None:
         """Stop background work and let the committer finish, within an eighth of
         the shutdown bound (the drain had half of it already)."""
-        for task in (self._sampler, self._retention):
+        for task in (self._sampler, self._retention, self._rechecker):
             if task is not None:
                 task.cancel()
         closing = asyncio.ensure_future(self.committer.close())
@@ -165,11 +168,39 @@ class Hub:
         if kind == "key":
             self.authenticator.forget_key(value)
         for conn in self.coordinators.of_user(user):
-            principal = getattr(conn, "principal", None)
             if (kind == "device" and conn.device == value) or (
-                kind == "key" and principal is not None and principal.key_id == value
+                kind == "key" and _key_id(conn) == value
             ):
                 conn.close_soon(WS_4003_FORBIDDEN, f"{kind} revoked")
+
+    async def _recheck_after_gaps(self) -> None:
+        """After every gap in the control channel (the first subscription, a
+        reconnect of the broker), look up this process's connections: a
+        revocation published meanwhile was not heard here."""
+        seen: int | None = None
+        while True:
+            try:
+                await self.broker.live(CONTROL)
+                gaps = getattr(self.broker, "reconnects", 0)
+                if gaps != seen:
+                    await self._recheck_connections()
+                    seen = gaps
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is down: try again at the next turn
+                log.warning("could not recheck revocations: %s", type(exc).__name__)
+            await asyncio.sleep(SAMPLE_S)
+
+    async def _recheck_connections(self) -> None:
+        conns = list(self.coordinators.connections())
+        if not conns:
+            return
+        devices = sorted({(c.user, c.device) for c in conns})
+        keys = sorted({k for c in conns if (k := _key_id(c)) is not None})
+        revoked = await self.store.revoked_among(devices, keys)
+        for kind, user, value in revoked:
+            log.info("closing connections of a revocation heard late", extra={"kind": kind})
+            self._apply_revocation(kind, user, value)
 
     def check_rate(self, buckets: Buckets, user: str, what: str) -> None:
         wait = buckets.take(user, time.monotonic())
@@ -416,3 +447,9 @@ class HubApp:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _key_id(conn: Any) -> str | None:
+    """The API key a connection holds, if it holds one."""
+    principal = getattr(conn, "principal", None)
+    return None if principal is None else principal.key_id

@@ -257,6 +257,7 @@ class Authenticator:
         self._pepper = pepper.encode()
         self._find_key = find_key
         self._keys: dict[str, tuple[float, ApiKeyRecord | None]] = {}
+        self._forgets = 0  # keys forgotten so far: a lookup across one is not cached
         self.keys_used: dict[str, float] = {}  # id -> Unix time, flushed in bulk
 
     def __repr__(self) -> str:
@@ -289,7 +290,12 @@ class Authenticator:
             return cached[1]
         if self._find_key is None:
             return None
+        forgets = self._forgets
         record = await self._find_key(key_id)
+        if forgets != self._forgets:
+            # A revocation came while the database was asked: what it said may
+            # predate it, and must not be what this process goes on believing.
+            return record
         if len(self._keys) > 100_000:
             self._keys.clear()
         self._keys[key_id] = (now, record)
@@ -298,6 +304,7 @@ class Authenticator:
     def forget_key(self, key_id: str) -> None:
         """A key was revoked (here or on another process): look it up again."""
         self._keys.pop(key_id, None)
+        self._forgets += 1
 
 
 def check_scopes(scopes: object) -> frozenset[str]:

@@ -253,7 +253,12 @@ class Session:
         try:
             if not ready.done():  # not cancelled by the wait, nor raising if it was
                 await asyncio.wait([ready], timeout=SUBSCRIBE_WAIT_S)
-            version = await hub.store.version(self.user)
+            # Read now that revocations find this connection: one committed
+            # since the checks above passed it by.
+            version, revoked = await hub.store.admission(self.user, device, principal.key_id)
+            if revoked is not None:
+                await self._close_now(WS_4003_FORBIDDEN, f"this {revoked} was revoked")
+                return
             self._schedule_expiry()
             welcome = {
                 "type": "welcome",
@@ -489,6 +494,19 @@ class Session:
         except Exception:  # a bug: the old token stays, and the device is told
             log.exception("token refresh failed", extra={"connection": self.id})
             self.deliver(protocol.error_message("internal", "internal error", mid))
+            return
+        if principal.key_id is not None:
+            # A key revoked while it was looked up: the revocation looked for
+            # connections holding it, and this one did not yet.
+            try:
+                _, revoked = await self.hub.store.admission(self.user, "", principal.key_id)
+            except Unavailable as exc:
+                self.deliver(protocol.error_of(exc, mid))
+                return
+            if revoked is not None:
+                self.deliver(protocol.error_of(Unauthorized("this API key was revoked"), mid))
+                return
+        if self._closing is not None:
             return
         self.principal = principal
         self._schedule_expiry()

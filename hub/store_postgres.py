@@ -227,6 +227,27 @@ LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
 ORDER BY k.version, k.collection, k.record_id, f.field
 """
 
+# What a connection reads once it can be found by revocations: the user's
+# version for its welcome, and whether its device or key was revoked after
+# its first checks (a revocation it was not there to hear).
+ADMISSION = """
+SELECT (SELECT version FROM hub_users WHERE user_id = $1),
+       EXISTS (SELECT 1 FROM hub_devices
+               WHERE user_id = $1 AND device = $2 AND revoked_at IS NOT NULL),
+       EXISTS (SELECT 1 FROM hub_api_keys WHERE id = $3 AND revoked_at IS NOT NULL)
+"""
+
+# Which of these connections' devices and keys are revoked.
+REVOKED_AMONG = """
+SELECT 'device', d.user_id, d.device
+FROM unnest($1::text[], $2::text[]) AS c(user_id, device)
+JOIN hub_devices d ON d.user_id = c.user_id AND d.device = c.device
+WHERE d.revoked_at IS NOT NULL
+UNION ALL
+SELECT 'key', k.user_id, k.id FROM hub_api_keys k
+WHERE k.id = ANY($3::text[]) AND k.revoked_at IS NOT NULL
+"""
+
 STATUS_COLLECTIONS = """
 SELECT r.collection,
        count(*) FILTER (WHERE NOT dead) AS live,
@@ -551,6 +572,26 @@ class PostgresStore:
         async with self._connection() as con:
             found = await con.fetchval("SELECT version FROM hub_users WHERE user_id = $1", user)
         return int(found or 0)
+
+    async def admission(self, user: str, device: str, key_id: str | None) -> tuple[int, str | None]:
+        """The user's version, and ``"device"`` or ``"key"`` if the connection's
+        device or API key is revoked (else None), in one round trip."""
+        async with self._connection() as con:
+            row = await con.fetchrow(ADMISSION, user, device, key_id)
+        assert row is not None
+        revoked = "device" if row[1] else "key" if row[2] else None
+        return int(row[0] or 0), revoked
+
+    async def revoked_among(
+        self, devices: Sequence[tuple[str, str]], keys: Sequence[str]
+    ) -> set[tuple[str, str, str]]:
+        """Of these (user, device) pairs and key ids, the revoked ones, as
+        ``("device", user, device)`` and ``("key", user, key id)``."""
+        async with self._connection() as con:
+            rows = await con.fetch(
+                REVOKED_AMONG, [u for u, _ in devices], [d for _, d in devices], list(keys)
+            )
+        return {(r[0], r[1], r[2]) for r in rows}
 
     async def pull(self, user: str, query: PullQuery) -> PullPage:
         cursor = query.cursor

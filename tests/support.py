@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -417,9 +417,13 @@ class TcpProxy:
     flows open now stop carrying anything, as a NAT that dropped them, while
     new ones work) or gone (every flow closed, new ones refused)."""
 
-    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
-        self.target_port = target_port
-        self.delay_s = delay_s
+    def __init__(self, target_port: int | str, delay_s: float = 0.0) -> None:
+        self.target_port = target_port  # a port of 127.0.0.1, or a Unix socket's path
+        # Both may change at any time, and apply to what comes next.
+        self.delay_s = delay_s  # on what clients send
+        self.answer_delay_s = 0.0  # on what the server sends
+        self.bytes_up = 0  # what clients sent so far
+        self.bytes_down = 0  # what the server sent so far (before its delay)
         self.port = 0
         self._server: asyncio.Server | None = None
         self._flows: list[dict[str, Any]] = []
@@ -446,6 +450,16 @@ class TcpProxy:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
 
+    @classmethod
+    def for_url(cls, url: str, delay_s: float = 0.0) -> TcpProxy:
+        """A proxy to the server of ``url`` (``postgresql://`` or ``redis://``),
+        over TCP or, for a local PostgreSQL (``?host=/dir``), its Unix socket."""
+        parts = urlsplit(url)
+        socket_dir = dict(parse_qsl(parts.query)).get("host", "")
+        if not parts.hostname and socket_dir.startswith("/"):
+            return cls(f"{socket_dir}/.s.PGSQL.{parts.port or 5432}", delay_s)
+        return cls(parts.port or (6379 if parts.scheme.startswith("redis") else 5432), delay_s)
+
     @property
     def flows_made(self) -> int:
         """Connections made through the proxy so far."""
@@ -454,8 +468,10 @@ class TcpProxy:
     def url(self, scheme_url: str) -> str:
         """``scheme_url`` (a URL of the target) pointed at this proxy."""
         parts = urlsplit(scheme_url)
-        netloc = parts.netloc.rsplit(":", 1)[0] + f":{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{self.port}"
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
     def freeze(self, new_flows: bool = False) -> None:
         """Stop carrying anything on the flows open now (as a NAT that dropped
@@ -482,11 +498,14 @@ class TcpProxy:
         self._tasks.add(task)
         flow: dict[str, Any] = {"frozen": self._freeze_new, "writers": [client_w]}
         self._flows.append(flow)
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        if isinstance(self.target_port, str):
+            server_r, server_w = await asyncio.open_unix_connection(self.target_port)
+        else:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         flow["writers"].append(server_w)
         loop = asyncio.get_running_loop()
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, delay: float) -> None:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, up: bool) -> None:
             # Each chunk goes out ``delay`` after it came in (not after the one before).
             chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -501,11 +520,16 @@ class TcpProxy:
             forwarding = asyncio.create_task(forward())
             with contextlib.suppress(Exception):
                 while data := await r.read(65536):
+                    if up:
+                        self.bytes_up += len(data)
+                    else:
+                        self.bytes_down += len(data)
+                    delay = self.delay_s if up else self.answer_delay_s
                     chunks.put_nowait((loop.time() + delay, data))
             chunks.put_nowait((0.0, b""))
             await forwarding
 
-        await asyncio.gather(pipe(client_r, server_w, self.delay_s), pipe(server_r, client_w, 0.0))
+        await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
 
 
 class ThrowawayPostgres:

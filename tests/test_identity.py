@@ -20,6 +20,7 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import orjson
@@ -838,6 +839,113 @@ async def test_devices_are_listed_and_revoked_on_every_process(two_hubs, user):
     r = await call(hub1, "DELETE", "/v1/devices/no-such-device", jwt_token)
     assert r.status_code == 404 and code_of(r) == "not_found"
     await laptop.close()
+
+
+async def closes_with(ws: Any, timeout: float = 10.0) -> int:
+    """Read (and drop) what comes until the hub closes the connection; its close code."""
+    deadline = time.monotonic() + timeout
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+    code: int = ws.close_code
+    return code
+
+
+async def test_a_device_revoked_while_it_connects_is_closed(hub_factory, redis_url, user):
+    # Hub A's Redis commands arrive 0.8 s late, so a connection of the device
+    # waits there for its admission after it checked the device in the
+    # database. The device is revoked through hub B meanwhile: the connection
+    # was not there to be closed, and must be closed all the same.
+
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(redis_url, delay_s=0.8) as proxy:
+        hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        jwt_token = token_for(user)
+        connecting = asyncio.ensure_future(
+            ws_connect(
+                f"{hub_a.ws_url}?device=phone",
+                additional_headers={"Authorization": f"Bearer {jwt_token}"},
+                open_timeout=10,
+            )
+        )
+
+        async def registered() -> bool:
+            r = await call(hub_b, "GET", "/v1/devices", jwt_token)
+            return any(d["device"] == "phone" for d in r.json())
+
+        await wait_for(registered, timeout=5, interval=0.02)
+        assert (await call(hub_b, "DELETE", "/v1/devices/phone", jwt_token)).status_code == 204
+        ws = await connecting
+        assert await closes_with(ws) == 4003
+
+
+async def test_a_revocation_missed_while_redis_was_away_still_closes(hub_factory, redis_url, user):
+    # Hub A loses Redis; a device connected there is revoked through hub B
+    # meanwhile, and A cannot hear of it. Once A is back on Redis it looks its
+    # connections up and closes the revoked one.
+
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(redis_url) as proxy:
+        hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        jwt_token = token_for(user)
+        phone = await connect(hub_a, user, "phone")
+        laptop = await connect(hub_a, user, "laptop")
+        proxy.cut(refuse=True)
+        assert (await call(hub_b, "DELETE", "/v1/devices/phone", jwt_token)).status_code == 204
+        proxy.cut(refuse=False)  # Redis is reachable again
+        assert await closed_with(phone, timeout=20) == 4003
+        await still_open(laptop)
+        await laptop.close()
+
+
+async def test_a_key_revoked_while_it_is_looked_up_is_refused(
+    hub_factory, database_url, redis_url, user
+):
+    # Hub A's database answers reach it 0.8 s late. A connection with a key it
+    # has not seen waits for the key's lookup (made before the revocation)
+    # while the key is revoked through hub B: hub A must neither keep the
+    # connection nor the lookup's answer.
+
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(database_url) as proxy:
+        hub_a = await asyncio.to_thread(
+            hub_factory, {"HUB_DATABASE_URL": proxy.url(database_url), "HUB_REDIS_URL": redis_url}
+        )
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        key = await new_key(hub_b, token_for(user))
+        proxy.answer_delay_s = 0.8
+        watcher = await asyncpg.connect(database_url)
+        began = await watcher.fetchval("SELECT now()")
+        connecting = asyncio.ensure_future(
+            ws_connect(
+                f"{hub_a.ws_url}?device=bot",
+                additional_headers={"Authorization": f"Bearer {key['key']}"},
+                open_timeout=10,
+            )
+        )
+
+        async def looked_up() -> bool:  # the lookup ran; its answer is on its way to hub A
+            return bool(
+                await watcher.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND state = 'idle'
+                         AND query LIKE '%FROM hub_api_keys WHERE id%' AND query_start > $1""",
+                    began,
+                )
+            )
+
+        await wait_for(looked_up, timeout=5, interval=0.005)
+        await watcher.close()
+        r = await call(hub_b, "DELETE", f"/v1/api-keys/{key['id']}", token_for(user))
+        assert r.status_code == 204
+        ws = await connecting
+        assert await closes_with(ws) == 4003
+        assert (await call(hub_a, "GET", "/v1/sync/status", key["key"])).status_code == 401
 
 
 # -- 6. Users are isolated ------------------------------------------------------------

@@ -11,7 +11,6 @@ import signal
 import socket
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -516,7 +515,7 @@ async def test_a_second_connection_is_welcomed_once_the_user_is_subscribed(hub_f
     # there, so a push committed on hub B right after a welcome reaches it.
     from support import TcpProxy
 
-    async with TcpProxy(urlsplit(redis_url).port or 6379, delay_s=0.8) as proxy:
+    async with TcpProxy.for_url(redis_url, delay_s=0.8) as proxy:
         hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
         hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
         user = new_user()
@@ -538,7 +537,7 @@ async def test_after_a_redis_reconnect_a_new_connection_waits_for_the_subscripti
     # the user's channel is subscribed again, so it misses nothing after.
     from support import TcpProxy
 
-    async with TcpProxy(urlsplit(redis_url).port or 6379, delay_s=0.8) as proxy:
+    async with TcpProxy.for_url(redis_url, delay_s=0.8) as proxy:
         hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
         hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
         user = new_user()
@@ -557,7 +556,7 @@ async def test_a_silent_redis_link_is_replaced(hub_factory, redis_url):
     # closing (a NAT that dropped them): hub A notices and reconnects.
     from support import TcpProxy
 
-    async with TcpProxy(urlsplit(redis_url).port or 6379) as proxy:
+    async with TcpProxy.for_url(redis_url) as proxy:
         env = {"HUB_REDIS_URL": proxy.url(redis_url), "HUB_BROKER_CHECK_S": "0.5"}
         hub_a = await asyncio.to_thread(hub_factory, env)
         hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
@@ -588,7 +587,7 @@ async def test_credentials_that_cannot_be_checked_now_close_with_1013_not_4001(
     # give up on its key (4001 is final for clients).
     from support import TcpProxy
 
-    async with TcpProxy(urlsplit(database_url).port or 5432) as proxy:
+    async with TcpProxy.for_url(database_url) as proxy:
         env = {"HUB_DATABASE_URL": proxy.url(database_url), "HUB_DB_TIMEOUT_S": "2"}
         hub = await asyncio.to_thread(hub_factory, env)  # the proxy serves meanwhile
         user = new_user()
@@ -706,7 +705,7 @@ async def test_a_stuck_database_does_not_hold_the_shutdown_past_its_bound(
     # HUB_SHUTDOWN_TIMEOUT_S, though each statement may wait HUB_DB_TIMEOUT_S.
     from support import TcpProxy
 
-    async with TcpProxy(urlsplit(database_url).port or 5432) as proxy:
+    async with TcpProxy.for_url(database_url) as proxy:
         env = {
             "HUB_DATABASE_URL": proxy.url(database_url),
             "HUB_DB_TIMEOUT_S": "30",
@@ -785,15 +784,13 @@ async def test_the_connection_limit_holds_again_after_a_redis_restart(hub_factor
             await d.close()
 
 
-async def test_a_connect_storm_uses_a_bounded_number_of_redis_connections(
-    hub_factory, redis_url
-):
+async def test_a_connect_storm_uses_a_bounded_number_of_redis_connections(hub_factory, redis_url):
     # 80 users connecting at once to one hub: their admissions share a few
     # Redis connections (it opened one per concurrent admission: 24 here),
     # so a reconnect storm cannot use up Redis's clients.
     from support import TcpProxy
 
-    async with TcpProxy(urlsplit(redis_url).port or 6379) as proxy:
+    async with TcpProxy.for_url(redis_url) as proxy:
         hub = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
         devices = await asyncio.gather(*(connect(hub, new_user(), "d") for _ in range(80)))
         assert all(d.welcome["type"] == "welcome" for d in devices)
