@@ -186,10 +186,12 @@ class JwtVerifier:
         user = claims["sub"]
         if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_CHARS or "\x00" in user:
             raise Unauthorized("the token's 'sub' must be a user id of 1..128 characters")
-        exp = claims.get("exp")
-        return Principal(
-            user, ALL_SCOPES, "jwt", float(exp) if isinstance(exp, (int, float)) else None
-        )
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            # A string of digits passes the library's check, but a connection
+            # would then have no expiry to enforce (RFC 7519: a JSON number).
+            raise Unauthorized("the token's 'exp' must be a number")
+        return Principal(user, ALL_SCOPES, "jwt", float(exp))
 
 
 async def _fetch_url(url: str) -> bytes:

@@ -360,6 +360,8 @@ async def test_hs256_hub_refuses_bad_tokens_with_401(shared_hub, user):
         ),
         "no sub": hs_token({"iat": now, "exp": now + 3600}),
         "no exp": hs_token({"sub": user, "iat": now}),
+        # Would pass the JWT library, and leave a WebSocket with no expiry.
+        "exp a string of digits": hs_token({"sub": user, "exp": str(now + 3600)}),
         "sub not a string": hs_token({"sub": 42, "exp": now + 3600}),
         "sub too long": hs_token({"sub": "u" * 129, "exp": now + 3600}),
         "empty sub": hs_token({"sub": "", "exp": now + 3600}),
