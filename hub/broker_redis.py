@@ -2,7 +2,9 @@
 
 Two plain connections per process, speaking RESP with the hiredis parser:
 one in subscriber mode carries the channels of every user with a connection
-here (``hub:u:<user>``) plus this process's probe channel; the other
+here (``hub:u:<user>``; ``hub:<n>:u:<user>`` on Redis database n > 0, so
+that deployments on different databases of one server do not hear each
+other) plus this process's probe channel; the other
 publishes. Events published in one turn of the event loop leave in one write
 (a pipeline of ``PUBLISH`` commands), and every message that arrived in one
 read is dispatched from that read: no task switch and no per-message timer
@@ -53,8 +55,12 @@ CHECK_S = 5.0  # how often a connected link is proved alive
 CHECK_MISSES = 2  # probes lost in a row that condemn the link
 
 
-def channel(user: str) -> bytes:
-    return (CHANNEL_PREFIX + user).encode()
+def channel_prefix(db: int) -> str:
+    """The channels' prefix for a Redis database number. Pub/sub ignores the
+    number, so it goes into the names: deployments sharing one Redis server
+    on different databases hear only their own events (and keep the names of
+    database 0 as they always were)."""
+    return CHANNEL_PREFIX if db == 0 else f"hub:{db}:u:"
 
 
 def pack(*args: bytes) -> bytes:
@@ -182,9 +188,10 @@ class RedisBroker:
         self, url: str, *, process_id: str | None = None, check_s: float = CHECK_S
     ) -> None:
         self._options: dict[str, Any] = dict(parse_url(url))
+        self._prefix = channel_prefix(int(self._options.get("db") or 0))
         self._check_s = check_s
         self._process_id = process_id or secrets.token_hex(6)
-        self._probe_channel = f"hub:probe:{self._process_id}".encode()
+        self._probe_channel = f"hub:probe:{self._process_id}".encode()  # unique anyway
         self._handlers: dict[bytes, Handler] = {}
         self._subscribed: set[bytes] = set()  # SUBSCRIBE sent on this connection
         self._confirmed: set[bytes] = set()  # ... and answered, with no UNSUBSCRIBE since
@@ -274,10 +281,13 @@ class RedisBroker:
         self._subscribed.clear()
         self._confirmed.clear()
 
+    def _channel(self, user: str) -> bytes:
+        return (self._prefix + user).encode()
+
     # -- publishing -------------------------------------------------------------
 
     def publish(self, user: str, payload: bytes) -> None:
-        self._publish(channel(user), payload)
+        self._publish(self._channel(user), payload)
 
     def _publish(self, ch: bytes, payload: bytes) -> None:
         if len(self._outbox) >= MAX_OUTBOX:
@@ -311,14 +321,14 @@ class RedisBroker:
 
     def subscribe(self, user: str, handler: Handler) -> asyncio.Future[None]:
         """Subscribe; the future resolves once Redis confirmed the subscription."""
-        self._handlers[channel(user)] = handler
+        self._handlers[self._channel(user)] = handler
         ready = self.live(user)
         if not ready.done():
             self._schedule_sync()
         return ready
 
     def live(self, user: str) -> asyncio.Future[None]:
-        ch = channel(user)
+        ch = self._channel(user)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if ch in self._confirmed:
             ready.set_result(None)
@@ -327,7 +337,7 @@ class RedisBroker:
         return ready
 
     def unsubscribe(self, user: str) -> None:
-        ch = channel(user)
+        ch = self._channel(user)
         if self._handlers.pop(ch, None) is not None:
             for ready in self._waiting.pop(ch, []):
                 ready.cancel()

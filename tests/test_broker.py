@@ -213,3 +213,33 @@ async def test_redis_broker_with_a_wrong_password_stays_down_and_never_raises(re
         assert (await broker.probe(0.5))["ok"] is False
     finally:
         await broker.close()
+
+
+def _on_database(url: str, db: int) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+async def test_deployments_on_other_redis_databases_do_not_hear_each_other(redis_url):
+    # Two deployments share a Redis server, one on database 13, one on 14
+    # (pub/sub itself ignores the number), with the same user ids.
+    here, there = [RedisBroker(_on_database(redis_url, db)) for db in (13, 14)]
+    neighbour = RedisBroker(_on_database(redis_url, 13))  # another process of `here`
+    brokers = (here, there, neighbour)
+    for broker in brokers:
+        await broker.start()
+    try:
+        await wait_for(lambda: all(b.connected for b in brokers))
+        user = new_user()
+        inbox = Inbox()
+        await subscribed(here, user, inbox)
+        there.publish(user, b"the other deployment's")
+        neighbour.publish(user, b"this deployment's")
+        assert await inbox.next() == b"this deployment's"
+        neighbour.publish(user, b"and again")
+        assert await inbox.next() == b"and again"
+        assert inbox.items == []
+    finally:
+        for broker in brokers:
+            await broker.close()
