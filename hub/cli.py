@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import ipaddress
 import os
 import secrets
 import socket
@@ -42,6 +43,15 @@ def development_secret(data_dir: str) -> str:
     return secret
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         settings = config.load(os.environ, args)
@@ -49,6 +59,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"hub: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_format, settings.log_level)
+    if settings.development_secret and not _loopback(settings.host):
+        print(
+            f"hub: HUB_HOST={settings.host} with the development secret: anyone who reaches "
+            "the port could mint tokens (GET /dev/token); set HUB_JWT_SECRET or HUB_JWKS_URL, "
+            "or listen on 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
     if args.listen_fd is not None:
         # A worker started by `hub serve --workers N`: the parent resolved everything.
         assert settings.database_url is not None
@@ -101,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
     if settings.development_secret:
         assert secret is not None
         say("!" * 72)
-        say("!! DEVELOPMENT SECRET IN USE: anyone with the file below can mint tokens.")
+        say("!! DEVELOPMENT SECRET IN USE: anyone who can read the file below, or reach")
+        say("!! this port (GET /dev/token), can mint tokens.")
         say(f"!! {Path(settings.data_dir, 'dev-jwt-secret').resolve()}")
         say("!! Set HUB_JWT_SECRET (or HUB_JWKS_URL) before real users connect.")
         say("!" * 72)

@@ -342,6 +342,11 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
             assert done.returncode == 2, done.stderr
             assert done.stderr.startswith(says), done.stderr
             assert "Traceback" not in done.stderr and "pw-not-shown" not in done.stderr
+        # The development secret (no JWT setting) on an address others reach.
+        done = serve_exits(tmp_path, HUB_HOST="0.0.0.0", HUB_DATABASE_URL=database_url)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("hub: HUB_HOST=0.0.0.0 with the development secret")
+        assert "Traceback" not in done.stderr
     finally:
         taken.close()
 
