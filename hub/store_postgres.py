@@ -84,6 +84,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # A connection left mid-operation by one of the above (its server process
+    # was terminated): its next statement fails with this.
+    asyncpg.InternalClientError,
 )
 
 
@@ -464,17 +467,30 @@ class PostgresStore:
             self.pool.terminate()
 
     @contextlib.asynccontextmanager
+    async def _acquired(self) -> AsyncIterator[Any]:
+        """A pooled connection, dropped (not handed out again) after a failure
+        of the connection: the pool resets nothing on release, so a connection
+        whose server process was terminated mid-statement would come back in
+        the middle of that statement, and fail the next user's."""
+        async with self.pool.acquire() as con:
+            try:
+                yield con
+            except CONNECTION_ERRORS:
+                con.terminate()  # the pool opens a new one when it is wanted
+                raise
+
+    @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
         """A pooled connection; losing the database is ``Unavailable`` (503), not a 500."""
         try:
-            async with self.pool.acquire() as con:
+            async with self._acquired() as con:
                 yield con
         except CONNECTION_ERRORS as exc:
             log.warning("database unavailable: %s", type(exc).__name__)
             raise Unavailable("the database is unavailable; retry") from None
 
     async def ping(self) -> None:
-        async with self.pool.acquire() as con:
+        async with self._acquired() as con:
             await con.fetchval("SELECT 1")
 
     # -- push ------------------------------------------------------------
@@ -502,7 +518,7 @@ class PostgresStore:
 
     async def _commit(self, pushes: Sequence[Push]) -> list[PushResult | HubError]:
         users = sorted({p.user for p in pushes})
-        async with self.pool.acquire() as con:
+        async with self._acquired() as con:
             async with con.transaction():
                 rows = await con.fetch(LOCK_USERS, users)
                 done = (

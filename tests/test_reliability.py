@@ -340,6 +340,48 @@ async def test_pulls_during_a_postgres_outage_get_unavailable(tmp_path: Path):
     assert (http_answer, ws_answer) == ((503, "unavailable", True), ("error", "unavailable"))
 
 
+async def test_server_processes_terminated_under_traffic_get_unavailable_not_internal(
+    hub_factory, database_url
+):
+    # An operator (or a failover) terminates the hub's PostgreSQL connections
+    # every 50 ms while four clients push: each push is acked or answered
+    # 503 unavailable (retry), never 500 internal. A connection whose server
+    # process went away mid-statement is not handed out again.
+    import asyncpg
+
+    hub = hub_factory()
+    codes: Counter[str] = Counter()
+    stop = time.monotonic() + 3
+
+    async def push_until_stopped() -> None:
+        user = new_user()
+        async with httpx.AsyncClient(base_url=hub.url, timeout=10) as http:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                r = await http.post(
+                    "/v1/sync/push",
+                    json={"device": "d", "changes": [change(f"t{n}", stamp(), n=n)]},
+                    headers=auth(user),
+                )
+                codes["ok" if r.status_code == 200 else r.json()["error"]["code"]] += 1
+
+    async def terminate_until_stopped() -> None:
+        con = await asyncpg.connect(database_url)
+        try:
+            while time.monotonic() < stop:
+                await con.execute(
+                    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                       WHERE application_name = 'hub' AND datname = current_database()"""
+                )
+                await asyncio.sleep(0.05)
+        finally:
+            await con.close()
+
+    await asyncio.gather(terminate_until_stopped(), *(push_until_stopped() for _ in range(4)))
+    assert set(codes) <= {"ok", "unavailable"} and codes["ok"] > 0, codes
+
+
 # -- 2. Lost acks -------------------------------------------------------------------------
 
 
