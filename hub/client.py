@@ -101,6 +101,8 @@ PULL_LIMIT = 500
 REQUEST_TIMEOUT_S = 30.0
 GAP_GRACE_S = 1.0
 REFRESH_MIN_INTERVAL_S = 15.0
+# Kept in the file with a refusal, until a resync from 0 has undone it here.
+RESYNC_WANTED = {"resync": "1"}
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 MAX_ATTEMPT = 16  # beyond it the backoff is at its cap anyway
@@ -612,6 +614,7 @@ class HubClient:
             raise
         self._replica = loaded.replica
         self._cursor = loaded.meta.get("cursor", "0")
+        self._resync_wanted = loaded.meta.get("resync") == "1"
         self._seen = int(loaded.meta.get("version", "0"))
         self._user = loaded.meta.get("user")
         self._clock = Clock(self.device, last=loaded.clock_last)
@@ -1120,20 +1123,24 @@ class HubClient:
             # One change is refused (the hub's limits may differ from the
             # client's): the others go again, under a new push id.
             refused = [entries[index]]
-            await self._rebatch(push_id, [entries[:index] + entries[index + 1 :]])
+            await self._rebatch(push_id, [entries[:index] + entries[index + 1 :]], RESYNC_WANTED)
         else:
             del self._batches[push_id]
-            await self._commit(Commit(acked=push_id))
-        # Retrying cannot help: resync, so that the replica forgets what was refused.
+            await self._commit(Commit(acked=push_id, meta=RESYNC_WANTED))
+        # Retrying cannot help: resync, so that the replica forgets what was
+        # refused (wanted on disk with the refusal: a restart resyncs too).
         changes = [e.change for e in refused]
         self._report(PushRejected(push_id, code, str(message.get("message")), changes))
         self._resync_wanted = True
         self._want_pull()
         self._push_wake.set()  # a push slot is free again
 
-    async def _rebatch(self, push_id: str, groups: list[list[_Entry]]) -> None:
+    async def _rebatch(
+        self, push_id: str, groups: list[list[_Entry]], meta: dict[str, str] | None = None
+    ) -> None:
         """Replace an unacked push by pushes of ``groups`` of its changes, each
-        under a new id; outbox rows left with the old id (refused) go."""
+        under a new id; outbox rows left with the old id (refused) go, with
+        ``meta`` written in the same transaction."""
         del self._batches[push_id]
         for entries in groups:
             if not entries:
@@ -1141,7 +1148,7 @@ class HubClient:
             new_id = self._push_id(entries[0].seq)
             self._batches[new_id] = _Batch(new_id, entries)
             await self._commit(Commit(assigned=(new_id, [e.seq for e in entries])))
-        await self._commit(Commit(acked=push_id))
+        await self._commit(Commit(acked=push_id, meta=meta or {}))
         self._push_wake.set()
 
     async def _refresh(self, ws: ClientConnection) -> None:
@@ -1313,8 +1320,14 @@ class HubClient:
         old, new = self._replica, self._fresh
         self._replica, self._fresh = new, None
         rows = [_row(key, record) for key, record in new.records.items()]
+        # Still wanted if a refusal came during this one.
+        resync = "1" if self._resync_wanted else "0"
         done = self._commit(
-            Commit(records=rows, replace_all=True, meta={"cursor": cursor, "version": str(version)})
+            Commit(
+                records=rows,
+                replace_all=True,
+                meta={"cursor": cursor, "version": str(version), "resync": resync},
+            )
         )
         self._cursor = cursor
         self._seen, self._known = version, set()

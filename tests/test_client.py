@@ -527,6 +527,37 @@ async def test_one_refused_change_does_not_take_the_others_with_it(
     assert set(await server_state(hub, user)) == {("todos", "a"), ("todos", "b")}
 
 
+async def test_a_refused_change_is_undone_even_if_the_client_closes_before_resyncing(
+    hub_factory: Any, tmp_path: Path
+) -> None:
+    # The refusal drops the change from the outbox; the resync that undoes it
+    # here had not run when the client was closed. Opened again, the client
+    # resyncs (its cursor alone would only pull what is new).
+    hub = hub_factory({"HUB_MAX_VALUE_BYTES": "1000"})
+    user = new_user()
+    await http_push(hub, user, [change("other", stamp(node="laptop"), title="from the laptop")])
+    errors: list[Any] = []
+    async with client(hub.url, user, "phone", tmp_path) as phone:
+        await phone.synced(WAIT_S)  # its cursor is past 0
+        await phone.upsert("todos", "fine", title="fine")
+        await phone.synced(WAIT_S)
+
+    def closing_at_once(error: Any) -> None:
+        errors.append(error)
+        asyncio.ensure_future(phone.close())
+
+    phone = client(hub.url, user, "phone", tmp_path, on_error=closing_at_once)
+    await phone.start()
+    await phone.upsert("todos", "big", title="x" * 2000)
+    await wait_for(lambda: errors, WAIT_S)
+    await phone.close()
+    assert [e.code for e in errors] == ["invalid_change"]
+    async with client(hub.url, user, "phone", tmp_path) as phone:
+        await phone.synced(WAIT_S)
+        assert set(phone.records("todos")) == {"other", "fine"}
+    assert set(await server_state(hub, user)) == {("todos", "other"), ("todos", "fine")}
+
+
 async def test_short_lived_tokens_are_not_refreshed_over_and_over(
     shared_hub: HubProcess, tmp_path: Path
 ) -> None:
