@@ -28,6 +28,7 @@ import httpx
 import pytest
 from support import Databases, HubProcess, new_user, spawn_hub
 
+from hub.auth import make_token
 from hub.hlc import Clock
 from hub.merge import RecordState, Replica, apply_delete, apply_upsert
 from hub.types import Delta
@@ -1036,3 +1037,39 @@ def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
         hub.token(user_b),
     )
     assert result == {"errors": ["wrong_user"], "ids": ["a1"]}, result
+
+
+def test_short_lived_tokens_are_not_refreshed_over_and_over(devices: Devices) -> None:
+    """A token that lives 30 s is warned about at once (the hub warns a minute
+    ahead), and again after each refresh: the client refreshes once per 15 s
+    at most, not at every warning."""
+    hub = devices.hub
+    user = new_user()
+    secret = (hub.log_dir / "data" / "dev-jwt-secret").read_text().strip()
+    calls: list[float] = []
+
+    def short_token() -> str:
+        calls.append(time.monotonic())
+        return make_token(secret, user, ttl_s=30)
+
+    page = devices.open(devices.new(), None)
+    page.expose_function("shortToken", short_token)
+    page.evaluate(
+        """async () => {
+            const m = await import('/client/hub.js');
+            const client = new m.HubClient(
+                {device: 'd1', dbName: 'short-tokens', token: () => window.shortToken()});
+            window.client = client;
+            await client.start();
+            await new Promise((resolve) => client.on('status', (s) => {
+                if (s.state === 'online') resolve();
+            }));
+        }"""
+    )
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:  # connect, then the first refresh
+        page.wait_for_timeout(50)
+    assert len(calls) == 2, len(calls)
+    page.wait_for_timeout(2000)  # what answering every warning would make of it meanwhile
+    assert len(calls) == 2, len(calls)
+    page.evaluate("() => window.client.close()")

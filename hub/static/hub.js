@@ -220,6 +220,9 @@ const MAX_BATCH_BYTES = 512 * 1024;
 const MAX_PUSHES_IN_FLIGHT = 4;
 const PULL_LIMIT = 500;
 const GAP_WAIT_MS = 150;
+// The hub warns of a token's expiry a minute ahead, at once for a token that
+// lives less: one refresh per such interval at most, not one per warning.
+const REFRESH_MIN_INTERVAL_MS = 15_000;
 // Errors after which the same request may succeed later (pushes and pulls).
 const RETRYABLE = Object.freeze(["rate_limited", "unavailable", "internal"]);
 
@@ -295,6 +298,9 @@ export class HubClient extends EventTarget {
     this._ws = null;
     this._ready = false; // welcome received on this._ws
     this._token = null;
+    this._refreshing = false; // a token refresh is under way
+    this._refreshTimer = null; // one is due at the end of REFRESH_MIN_INTERVAL_MS
+    this._refreshedAt = 0;
     this._attempt = 0;
     this._reconnectTimer = null;
     this._heartbeatTimer = null;
@@ -640,7 +646,7 @@ export class HubClient extends EventTarget {
         if (this.version === null || message.version > this.version) this._pull();
         return undefined;
       case "auth_expiring":
-        this._refreshToken(); // not awaited: the token function may take its time
+        this._refreshSoon();
         return undefined;
       default:
         return undefined; // pong, auth_ok, and anything newer
@@ -677,6 +683,8 @@ export class HubClient extends EventTarget {
     this._ws = null;
     this._ready = false;
     this._stopHeartbeat();
+    clearTimeout(this._refreshTimer); // the next connection starts with a fresh token
+    this._refreshTimer = null;
     for (const { reject } of this._requests.values()) {
       reject(Object.assign(new Error("connection closed"), { code: "disconnected" }));
     }
@@ -781,13 +789,30 @@ export class HubClient extends EventTarget {
     this._heartbeatTimer = null;
   }
 
+  _refreshSoon() {
+    if (this._refreshing || this._refreshTimer) return; // one at a time
+    const wait = this._refreshedAt + REFRESH_MIN_INTERVAL_MS - Date.now();
+    if (wait > 0) {
+      this._refreshTimer = setTimeout(() => {
+        this._refreshTimer = null;
+        this._refreshToken();
+      }, wait);
+      return;
+    }
+    this._refreshToken(); // not awaited: the token function may take its time
+  }
+
   async _refreshToken() {
+    this._refreshing = true;
+    this._refreshedAt = Date.now();
     this._token = null;
     try {
       const token = await this._getToken();
       this._send({ type: "auth", token, id: `a-${++this._seq}` });
     } catch (err) {
       this._fail("token", `could not refresh the token: ${err.message || err}`);
+    } finally {
+      this._refreshing = false;
     }
   }
 
