@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import fanout, idle, push, slow, storm, suite
+from . import fanout, idle, push, slow, storage, storm, suite
 from .report import Report
 
 Runner = Callable[[argparse.Namespace], Report]
@@ -35,6 +35,13 @@ def parser() -> argparse.ArgumentParser:
             push.run,
         ),
         ("push", "the w4 workload under its former name", push.add_arguments, push.run),
+        (
+            "storage",
+            "PostgreSQL CPU per push of the store's batches (w2's shape), with and without "
+            "idempotency receipts, in alternating runs",
+            storage.add_arguments,
+            storage.run,
+        ),
         (
             "suite",
             "w1 to w6 one after another, each in its own process (at most 90 s each, "
