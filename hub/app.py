@@ -176,15 +176,19 @@ class Hub:
     async def _recheck_after_gaps(self) -> None:
         """After every gap in the control channel (the first subscription, a
         reconnect of the broker), look up this process's connections: a
-        revocation published meanwhile was not heard here."""
+        revocation published meanwhile was not heard here. And every
+        ``revocation_recheck_s`` anyway: a revocation published into a link
+        that had gone silent (the revoking process's) was heard nowhere."""
+        loop = asyncio.get_running_loop()
         seen: int | None = None
+        checked = loop.time()
         while True:
             try:
                 await self.broker.live(CONTROL)
                 gaps = getattr(self.broker, "reconnects", 0)
-                if gaps != seen:
+                if gaps != seen or loop.time() - checked >= self.settings.revocation_recheck_s:
                     await self._recheck_connections()
-                    seen = gaps
+                    seen, checked = gaps, loop.time()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database is down: try again at the next turn

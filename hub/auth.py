@@ -303,6 +303,11 @@ class Authenticator:
         self._keys[key_id] = (now, record)
         return record
 
+    @property
+    def forgets(self) -> int:
+        """Keys forgotten (revoked) so far: changed by any revocation heard here."""
+        return self._forgets
+
     def forget_key(self, key_id: str) -> None:
         """A key was revoked (here or on another process): look it up again."""
         self._keys.pop(key_id, None)

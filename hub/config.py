@@ -194,6 +194,14 @@ class Settings:
             "help": "how often the Redis link is proved alive; two failed: reconnect",
         },
     )
+    revocation_recheck_s: float = field(
+        default=30.0,
+        metadata={
+            "cast": _seconds,
+            "help": "how often each process looks its connections' devices and keys up: "
+            "the bound on a revocation whose broadcast was lost",
+        },
+    )
     send_queue_size: int = field(
         default=256,
         metadata={"cast": _positive_int, "help": "messages queued per connection before 1013"},

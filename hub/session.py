@@ -482,6 +482,8 @@ class Session:
 
     async def _refresh(self, message: dict[str, Any], mid: str | None) -> None:
         """Swap in a fresh token of the same user before the old one expires."""
+        authenticator = self.hub.authenticator
+        forgets = authenticator.forgets
         try:
             auth = protocol.parse_auth(message)
             principal = await self.hub.authenticator.authenticate(auth.token)
@@ -495,9 +497,11 @@ class Session:
             log.exception("token refresh failed", extra={"connection": self.id})
             self.deliver(protocol.error_message("internal", "internal error", mid))
             return
-        if principal.key_id is not None:
-            # A key revoked while it was looked up: the revocation looked for
-            # connections holding it, and this one did not yet.
+        while principal.key_id is not None:
+            # A revocation broadcast until the key is in place looks for
+            # connections holding it, and this one does not hold it yet: read
+            # the key again, until no revocation came during the read (one
+            # that comes after it finds the key in place).
             try:
                 _, revoked = await self.hub.store.admission(self.user, "", principal.key_id)
             except Unavailable as exc:
@@ -506,6 +510,9 @@ class Session:
             if revoked is not None:
                 self.deliver(protocol.error_of(Unauthorized("this API key was revoked"), mid))
                 return
+            if authenticator.forgets == forgets:
+                break
+            forgets = authenticator.forgets
         if self._closing is not None:
             return
         self.principal = principal

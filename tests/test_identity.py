@@ -950,6 +950,80 @@ async def test_a_key_revoked_while_it_is_looked_up_is_refused(
         assert (await call(hub_a, "GET", "/v1/sync/status", key["key"])).status_code == 401
 
 
+async def test_a_refresh_to_a_key_revoked_meanwhile_is_refused(
+    hub_factory, database_url, redis_url, user
+):
+    # A connection swaps its JWT for a key with `auth`; the key is revoked
+    # while hub A reads it again (its answers reach A 0.8 s late). The
+    # revocation looked for connections holding the key, and this one did
+    # not hold it yet: the refresh must be refused, or the connection closed.
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(database_url) as proxy:
+        hub_a = await asyncio.to_thread(
+            hub_factory, {"HUB_DATABASE_URL": proxy.url(database_url), "HUB_REDIS_URL": redis_url}
+        )
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        jwt_token = token_for(user)
+        key = await new_key(hub_b, jwt_token)
+        device = await connect(hub_a, user, "d1")
+        # Hub A has the key cached, not revoked.
+        assert (await call(hub_a, "GET", "/v1/sync/status", key["key"])).status_code == 200
+        proxy.answer_delay_s = 0.8
+        watcher = await asyncpg.connect(database_url)
+        began = await watcher.fetchval("SELECT now()")
+        await device.send({"type": "auth", "token": key["key"], "id": "r1"})
+
+        async def read_again() -> bool:  # the key's state, read for the refresh
+            return bool(
+                await watcher.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND state = 'idle'
+                         AND query LIKE '%revoked_at IS NOT NULL%' AND query_start > $1""",
+                    began,
+                )
+            )
+
+        await wait_for(read_again, timeout=5, interval=0.005)
+        await watcher.close()
+        r = await call(hub_b, "DELETE", f"/v1/api-keys/{key['id']}", jwt_token)
+        assert r.status_code == 204
+        proxy.answer_delay_s = 0.0
+        try:
+            answer = await device.recv(timeout=10)
+        except ConnectionClosed:
+            assert device.close_code == 4003
+        else:
+            assert answer["type"] == "error" and answer["code"] == "unauthorized", answer
+            # It keeps its JWT, and is not closed for the key.
+            await still_open(device)
+            await device.close()
+
+
+async def test_a_revocation_broadcast_into_a_silent_link_closes_within_the_recheck(
+    hub_factory, redis_url, user
+):
+    # Hub B's Redis link goes silent (a NAT dropped it) just before a device
+    # is revoked through B: the broadcast is written into the dead link and
+    # heard nowhere. Hub A, which never lost Redis, finds the revocation at
+    # its next look-up of its connections (every second here).
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(redis_url) as proxy:
+        hub_a = hub_factory({"HUB_REDIS_URL": redis_url, "HUB_REVOCATION_RECHECK_S": "1"})
+        hub_b = await asyncio.to_thread(
+            hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url), "HUB_BROKER_CHECK_S": "0.5"}
+        )
+        jwt_token = token_for(user)
+        phone = await connect(hub_a, user, "phone")
+        laptop = await connect(hub_a, user, "laptop")
+        proxy.freeze()  # B's flows open now carry nothing; new ones work
+        assert (await call(hub_b, "DELETE", "/v1/devices/phone", jwt_token)).status_code == 204
+        assert await closed_with(phone, timeout=10) == 4003
+        await still_open(laptop)
+        await laptop.close()
+
+
 # -- 6. Users are isolated ------------------------------------------------------------
 
 
