@@ -30,7 +30,8 @@ log = logging.getLogger("hub.presence")
 # Redis connections for admissions and refreshes, per process. A connect
 # storm waits for one of them (at most the socket timeout) rather than opening
 # a connection per concurrent admission, which could exhaust Redis's clients.
-MAX_CONNECTIONS = 8
+MAX_CONNECTIONS = 16
+POOL_WAIT_S = 10.0  # for a free connection; past it, this admission is counted locally
 
 ADMIT = """
 local t = redis.call('TIME')
@@ -79,7 +80,7 @@ class RedisPresence:
         pool = redis.BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
-            timeout=2.0,  # waiting for a free connection
+            timeout=POOL_WAIT_S,
             socket_connect_timeout=2.0,
             socket_timeout=2.0,
             retry=Retry(NoBackoff(), 1),
