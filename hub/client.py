@@ -1119,6 +1119,9 @@ class HubClient:
             await self._rebatch(push_id, [entries[:half], entries[half:]])
             return
         refused = entries
+        # Wanted from now: a resync that ends while the refusal is written must
+        # not write over the wish (it keeps it when this is set).
+        self._resync_wanted = True
         if code == "invalid_change" and isinstance(index, int) and 0 <= index < len(entries):
             # One change is refused (the hub's limits may differ from the
             # client's): the others go again, under a new push id.

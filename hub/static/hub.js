@@ -683,7 +683,7 @@ export class HubClient extends EventTarget {
     this._ws = null;
     this._ready = false;
     this._stopHeartbeat();
-    clearTimeout(this._refreshTimer); // the next connection starts with a fresh token
+    clearTimeout(this._refreshTimer); // a refresh due on this connection: its warnings went with it
     this._refreshTimer = null;
     for (const { reject } of this._requests.values()) {
       reject(Object.assign(new Error("connection closed"), { code: "disconnected" }));
