@@ -24,12 +24,13 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import multiprocess
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
 from .protocol import WS_4000_HEARTBEAT_TIMEOUT
 
-__all__ = ["HubServer", "bind", "run_workers", "uvicorn_config"]
+__all__ = ["HttpProtocol", "HubServer", "bind", "run_workers", "uvicorn_config"]
 
 log = logging.getLogger("hub.server")
 
@@ -41,6 +42,91 @@ WS_SEND_BUFFER_BYTES = 256 * 1024
 DRAIN_BATCH = 200  # connections closed per step of a graceful shutdown
 DRAIN_STEP_S = 0.05
 WORKER_POLL_S = 0.2  # how often `hub serve --workers N` looks for a worker that exited
+# A request's line and headers: at most this many bytes, within this long
+# (431 or a close beyond); its body, once the headers are in, within this long.
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounds on what a request may take
+    before the application sees it.
+
+    Unbounded, one connection streaming a URL or a header that never ends
+    held the event loop (uvicorn and httptools append each piece to what came
+    before: quadratic), and connections trickling a byte now and then held
+    their sockets for good.
+    """
+
+    _head_open = True  # the current request's line and headers are not all in yet
+    _head_bytes = 0
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm(HEAD_TIMEOUT_S)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_open:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if (
+            self._head_open
+            and self._head_bytes > MAX_HEAD_BYTES
+            and not self.transport.is_closing()
+        ):
+            self._refuse(b"431 Request Header Fields Too Large", "request headers too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._head_open:  # the next request on a kept-alive connection
+            self._head_open, self._head_bytes = True, 0
+            self._arm(HEAD_TIMEOUT_S)
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._disarm()
+        super().on_headers_complete()
+        upgrading = self.parser.should_upgrade() and self._should_upgrade()
+        if not upgrading and self.cycle is not None and self.cycle.more_body:
+            self._arm(BODY_TIMEOUT_S)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_open and self._head_bytes == 0:
+            self.transport.close()  # nothing of a request came: an idle connection
+        else:
+            self._refuse(b"408 Request Timeout", "request too slow")
+
+    def _refuse(self, status: bytes, why: str) -> None:
+        log.info("refused an HTTP request: %s", why, extra={"client": str(self.client)})
+        self._disarm()
+        body = f'{{"error":{{"code":"bad_request","message":"{why}"}}}}'.encode()
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+        )
+        self.transport.close()
 
 
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
@@ -153,7 +239,7 @@ def uvicorn_config(app: Any, heartbeat_s: float, shutdown_timeout_s: float) -> u
     config = uvicorn.Config(
         app,
         loop="auto",
-        http="httptools",
+        http=HttpProtocol,
         ws=HeartbeatProtocol,
         ws_max_size=WS_MAX_MESSAGE_BYTES,
         ws_per_message_deflate=False,  # off: unbounded inflation is a memory bomb

@@ -748,6 +748,63 @@ async def test_idle_and_half_sent_sockets_do_not_slow_another_users_pushes(
     )
 
 
+async def test_a_request_head_that_never_ends_is_refused_and_stalls_no_one(
+    fuzz_hub: HubProcess,
+):
+    # One connection streams a URL (then, on another, a header) that never
+    # ends. It was appended piece by piece, quadratically, on the event loop:
+    # 85 MiB in 10 s held another user's acks for seconds. Now past 64 KiB of
+    # head the request gets 431 and the connection is closed.
+    host, port = host_port(fuzz_hub)
+    user = new_user()
+    for start in (b"GET /", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: "):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(start)
+        chunk = b"a" * 16384
+        answer = b""
+        try:
+            for _ in range(4096):  # up to 64 MiB, until the hub answers or closes
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 5)
+                with contextlib.suppress(TimeoutError):
+                    answer = await asyncio.wait_for(reader.read(4096), 0.001)
+                if answer or reader.at_eof():
+                    break
+        except (ConnectionError, OSError):
+            pass
+        if not answer:
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                answer = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    async with httpx.AsyncClient(base_url=fuzz_hub.url, timeout=5) as http:
+        started = time.monotonic()
+        r = await http.post(
+            "/v1/sync/push", content=push_body([change("t", stamp(), n=1)]), headers=auth(user)
+        )
+        assert r.status_code == 200 and time.monotonic() - started < 1.0
+
+
+async def test_a_request_head_trickled_a_byte_at_a_time_is_closed(fuzz_hub: HubProcess):
+    # Slowloris: a head that never completes, one byte every second, would hold
+    # its socket for good. The head must be in within 10 s (408, closed).
+    host, port = host_port(fuzz_hub)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    started = time.monotonic()
+    answer = b""
+    while time.monotonic() - started < 20 and not answer:
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.write(b"a")
+        with contextlib.suppress(TimeoutError):
+            answer = await asyncio.wait_for(reader.read(4096), 1.0)
+        if reader.at_eof():
+            break
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert time.monotonic() - started < 12
+
+
 def rss_mib(hub: HubProcess) -> float:
     """The hub process's resident memory, in MiB (Linux)."""
     for line in Path(f"/proc/{hub.proc.pid}/status").read_text().splitlines():
