@@ -50,6 +50,8 @@ log = logging.getLogger("hub.http")
 Handler = Callable[[Request], Awaitable[Response]]
 
 DEV_TOKEN_TTL_S = 3600
+PARSE_ON_LOOP_BYTES = 256 * 1024  # push bodies beyond are read on a thread
+_big_parses = asyncio.Semaphore(1)
 STATIC = Path(__file__).resolve().parent / "static"
 
 
@@ -133,9 +135,19 @@ async def push(request: Request) -> Response:
     key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
     limits = hub.settings.limits
     body = await read_body(request, limits.max_http_body_bytes)
-    parsed = protocol.parse_http_push(
-        body, user=who.user, key=key, limits=limits, now_ms=time.time_ns() // 1_000_000
-    )
+    now_ms = time.time_ns() // 1_000_000
+    if len(body) <= PARSE_ON_LOOP_BYTES:
+        parsed = protocol.parse_http_push(
+            body, user=who.user, key=key, limits=limits, now_ms=now_ms
+        )
+    else:
+        # A big body may take a second to read exactly (numbers kept digit for
+        # digit): on a thread, one at a time, so that the loop, which shares
+        # the interpreter with it, keeps serving everyone else meanwhile.
+        async with _big_parses:
+            parsed = await asyncio.to_thread(
+                protocol.parse_http_push, body, user=who.user, key=key, limits=limits, now_ms=now_ms
+            )
     result = await hub.push(parsed)
     headers = {"Idempotent-Replay": "true"} if result.replay else None
     return json_response(result.body(), 200, headers)

@@ -805,6 +805,44 @@ async def test_a_request_head_trickled_a_byte_at_a_time_is_closed(fuzz_hub: HubP
     assert time.monotonic() - started < 12
 
 
+async def test_a_push_body_that_is_slow_to_read_does_not_hold_other_users(
+    fuzz_hub: HubProcess,
+):
+    # 8 MiB of 17-digit numbers: read exactly (digit for digit) that takes
+    # about a second. Done on the event loop, three such bodies held another
+    # user's acks for seconds; they are read on a thread now.
+    victim, heavy = new_user(), new_user()
+    body = (
+        b'{"device":"x","changes":[],"pad":['
+        + b",".join(b"0.%017d" % (12345678901234567 + i) for i in range(400_000))
+        + b"]}"
+    )
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=fuzz_hub.url, timeout=30) as http:
+
+        async def heavy_push() -> None:
+            r = await http.post("/v1/sync/push", content=body, headers=auth(heavy))
+            assert r.status_code in (200, 429), r.text
+
+        heavies = [asyncio.ensure_future(heavy_push()) for _ in range(3)]
+        i = 0
+        while not all(h.done() for h in heavies):
+            i += 1
+            started = time.monotonic()
+            r = await http.post(
+                "/v1/sync/push",
+                content=push_body([change(f"t{i}", stamp(node="ctl"), n=i)]),
+                headers=auth(victim),
+            )
+            assert r.status_code == 200, r.text
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*heavies)
+    latencies.sort()
+    assert len(latencies) >= 5, latencies
+    assert latencies[len(latencies) // 2] < 0.25, latencies
+
+
 def rss_mib(hub: HubProcess) -> float:
     """The hub process's resident memory, in MiB (Linux)."""
     for line in Path(f"/proc/{hub.proc.pid}/status").read_text().splitlines():
