@@ -460,7 +460,7 @@ class Session:
             query = protocol.parse_pull_query(message, self.hub.settings.limits)
             while True:
                 try:
-                    page = await self.hub.store.pull(self.user, query)
+                    page = await self.hub.store.pull(self.user, query, MAX_PULL_ANSWER_BYTES)
                 except ResetRequired:
                     self.hub.metrics.pulls.labels("reset_required").inc()
                     raise

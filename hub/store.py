@@ -29,8 +29,9 @@ class Store(Protocol):
         """Commit a batch; one answer per push, in order."""
         ...
 
-    async def pull(self, user: str, query: PullQuery) -> PullPage:
-        """The deltas after ``query.cursor``; ``ResetRequired`` for a cursor past the horizon."""
+    async def pull(self, user: str, query: PullQuery, max_bytes: int = ...) -> PullPage:
+        """The deltas after ``query.cursor``, about ``max_bytes`` at most (at least
+        one delta); ``ResetRequired`` for a cursor past the horizon."""
         ...
 
     async def version(self, user: str) -> int:

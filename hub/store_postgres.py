@@ -183,13 +183,21 @@ WITH fields AS (
 SELECT 1
 """
 
+# A page of pull stops before the delta that would take it past this many
+# bytes (estimated from the stored text; a single delta may be larger): a page of
+# 5000 deltas of 60 KB values was 115 MiB, built whole in memory.
+PULL_PAGE_BYTES = 4 * 1024 * 1024
+
 # The deltas after a cursor. Each branch reads at most limit+1 delta keys in
 # index order; a field stamped at or before its record's delete stamp is not
 # part of the state, so it makes no delta. The user's version is read in the
 # same snapshot: a page that reaches the end may move the cursor up to it.
 # (Read by a second statement when the page was empty, it could include a
 # push committed in between, whose delta the cursor then skipped.) So there
-# is always a row: with no delta, one whose key columns are NULL.
+# is always a row: with no delta, one whose key columns are NULL. The page
+# stops before the delta that would take it past $7 bytes (the first always comes);
+# `deltas` says how many there were before that cut.
+
 PULL = """
 WITH keys AS (
     SELECT version, collection, record_id FROM (
@@ -209,25 +217,39 @@ WITH keys AS (
          ORDER BY 1, 2, 3 LIMIT $5)
     ) u
     ORDER BY 1, 2, 3 LIMIT $5
+), page AS (
+    SELECT k.version, k.collection, k.record_id,
+           r.deleted_hlc, r.device AS record_device,
+           r.origin AS record_origin, r.actor::text AS record_actor,
+           (r.deleted_hlc IS NOT NULL AND NOT EXISTS (
+                SELECT 1 FROM hub_fields l
+                WHERE l.user_id = $1 AND l.collection = k.collection
+                  AND l.record_id = k.record_id AND l.hlc > r.deleted_hlc)) AS deleted,
+           f.field, f.value::text AS value, f.hlc, f.device, f.origin, f.actor::text AS actor,
+           (SELECT u.version FROM hub_users u WHERE u.user_id = $1) AS user_version,
+           (SELECT u.horizon FROM hub_users u WHERE u.user_id = $1) AS horizon
+    FROM (SELECT) AS always_one_row
+    LEFT JOIN keys k ON true
+    LEFT JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
+        AND r.record_id = k.record_id
+    LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
+        AND f.record_id = k.record_id AND f.version = k.version
+        AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
+), sized AS (
+    -- Bytes up to and including each delta (its rows are peers in this order),
+    -- estimated as the answer spells them; and which delta each row is of.
+    SELECT p.*,
+           sum(coalesce(octet_length(p.value), 0) + coalesce(octet_length(p.actor), 0)
+               + coalesce(octet_length(p.field), 0) + coalesce(octet_length(p.record_id), 0)
+               + 160)
+               OVER (ORDER BY p.version, p.collection, p.record_id) AS upto,
+           dense_rank() OVER (ORDER BY p.version, p.collection, p.record_id) AS delta
+    FROM page p
 )
-SELECT k.version, k.collection, k.record_id,
-       r.deleted_hlc, r.device AS record_device,
-       r.origin AS record_origin, r.actor::text AS record_actor,
-       (r.deleted_hlc IS NOT NULL AND NOT EXISTS (
-            SELECT 1 FROM hub_fields l
-            WHERE l.user_id = $1 AND l.collection = k.collection
-              AND l.record_id = k.record_id AND l.hlc > r.deleted_hlc)) AS deleted,
-       f.field, f.value::text AS value, f.hlc, f.device, f.origin, f.actor::text AS actor,
-       (SELECT u.version FROM hub_users u WHERE u.user_id = $1) AS user_version,
-       (SELECT u.horizon FROM hub_users u WHERE u.user_id = $1) AS horizon
-FROM (SELECT) AS always_one_row
-LEFT JOIN keys k ON true
-LEFT JOIN hub_records r ON r.user_id = $1 AND r.collection = k.collection
-    AND r.record_id = k.record_id
-LEFT JOIN hub_fields f ON f.user_id = $1 AND f.collection = k.collection
-    AND f.record_id = k.record_id AND f.version = k.version
-    AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
-ORDER BY k.version, k.collection, k.record_id, f.field
+SELECT s.*, (SELECT max(delta) FROM sized) AS deltas
+FROM sized s
+WHERE s.delta = 1 OR s.upto <= $7
+ORDER BY s.version, s.collection, s.record_id, s.field
 """
 
 # What a connection reads once it can be found by revocations: the user's
@@ -609,7 +631,10 @@ class PostgresStore:
             )
         return {(r[0], r[1], r[2]) for r in rows}
 
-    async def pull(self, user: str, query: PullQuery) -> PullPage:
+    async def pull(self, user: str, query: PullQuery, max_bytes: int = PULL_PAGE_BYTES) -> PullPage:
+        """The deltas after the query's cursor: at most ``query.limit``, and
+        no more than about ``max_bytes`` as the answer spells them (at least
+        one delta, whatever its size); ``has_more`` when any were left."""
         cursor = query.cursor
         if cursor.collection is None:
             # Past the whole of ``version``: every key of the next one sorts after this.
@@ -617,11 +642,12 @@ class PostgresStore:
         else:
             after = (cursor.version, cursor.collection, cursor.record_id or "")
         async with self._connection() as con:
-            rows = await con.fetch(PULL, user, *after, query.limit + 1, query.collection)
+            rows = await con.fetch(PULL, user, *after, query.limit + 1, query.collection, max_bytes)
         user_version, horizon = rows[0]["user_version"] or 0, rows[0]["horizon"] or 0
         _check_cursor(cursor, user_version, horizon)
         deltas = _deltas(rows) if rows[0]["version"] is not None else []
-        has_more = len(deltas) > query.limit
+        cut = bool(deltas) and len(deltas) < rows[0]["deltas"]  # left out for their bytes
+        has_more = cut or len(deltas) > query.limit
         if has_more:
             deltas = deltas[: query.limit]
             last = deltas[-1]

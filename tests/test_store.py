@@ -149,6 +149,27 @@ async def test_fields_changed_by_several_pushes_survive_small_pages(store, user,
     assert [d.version for d in deltas] == sorted(d.version for d in deltas)
 
 
+async def test_pages_stop_at_a_byte_budget_and_lose_nothing(store, user):
+    # 30 records of 10 KB each (and one of 50 KB, larger than the budget): a
+    # page stops before the delta that would take it past 40 KB, with
+    # has_more; paging
+    # on gets every delta once, in order; a delta larger than the budget
+    # still comes, alone.
+    for i in range(30):
+        await commit_one(store, push(user, upsert(f"t{i:02d}", body=("x" * 10_000, stamp(i)))))
+    await commit_one(store, push(user, upsert("t99", body=("y" * 50_000, stamp(99)))))
+    cursor, seen, sizes = Cursor(0), [], []
+    for _ in range(100):
+        page = await store.pull(user, PullQuery(cursor, 5000, None), max_bytes=40_000)
+        seen.extend(d.record_id for d in page.changes)
+        sizes.append(len(page.changes))
+        cursor = page.cursor
+        if not page.has_more:
+            break
+    assert seen == [f"t{i:02d}" for i in range(30)] + ["t99"]
+    assert max(sizes) == 3 and sizes[-1] == 1, sizes  # 4 x 10 KB (+ overhead) pass 40 KB
+
+
 async def test_incremental_pull_gets_only_what_is_new(store, user):
     await commit_one(store, push(user, upsert("t1", a=(1, stamp(1)))))
     _, cursor, _ = await pull_all(store, user)
@@ -357,7 +378,7 @@ async def test_cached_plans_look_rows_up_by_index_even_on_an_empty_database(data
         async with store.pool.acquire() as con:
             for sql, args in (
                 (READ, [keys, keys, keys]),
-                (PULL, ["u", 0, "", "", 10, None]),
+                (PULL, ["u", 0, "", "", 10, None, 4 << 20]),
             ):
                 plan = "\n".join(r[0] for r in await con.fetch("EXPLAIN " + sql, *args))
                 assert "Seq Scan on hub_" not in plan, plan
