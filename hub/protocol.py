@@ -92,6 +92,8 @@ class Limits:
     """The limits of PROTOCOL.md that a push is checked against."""
 
     max_changes_per_push: int = 1000
+    # Field writes of a push in all: what its commit writes (a batch's worth).
+    max_fields_per_push: int = 20_000
     max_value_bytes: int = 64 * 1024
     max_clock_drift_ms: int = 60_000
     max_http_body_bytes: int = 10 * 1024 * 1024
@@ -459,6 +461,9 @@ def parse_changes(raw: Any, limits: Limits, now_ms: int) -> tuple[Change, ...]:
         raise BadRequest("'changes' must be an array")
     if len(raw) > limits.max_changes_per_push:
         raise PayloadTooLarge("number of changes", len(raw), limits.max_changes_per_push)
+    fields = sum(len(f) for c in raw if type(c) is dict and type(f := c.get("fields")) is dict)
+    if fields > limits.max_fields_per_push:
+        raise PayloadTooLarge("number of fields written", fields, limits.max_fields_per_push)
     growth = [0]
     return tuple(_change(item, i, limits, now_ms, growth) for i, item in enumerate(raw))
 

@@ -401,6 +401,18 @@ def test_1000_changes_accepted_1001_too_large() -> None:
     assert (info.value.size, info.value.limit) == (1001, 1000)
 
 
+def test_20000_fields_in_a_push_accepted_20001_too_large() -> None:
+    # What a push writes, in all: a change may hold many fields, but one push
+    # is committed in one go, so its fields together are bounded too.
+    def wide(n: int) -> dict[str, Any]:
+        return up({f"f{i}": {"value": i, "hlc": S} for i in range(n)})
+
+    assert len(parse_changes([wide(10_000), wide(10_000)], LIMITS, NOW)) == 2
+    with pytest.raises(PayloadTooLarge) as info:
+        parse_changes([wide(10_000), wide(10_001)], LIMITS, NOW)
+    assert_error(info.value, PayloadTooLarge, "payload_too_large", 413, "20001")
+
+
 def test_too_many_changes_rejected_before_any_is_checked() -> None:
     with pytest.raises(PayloadTooLarge):
         http(body([{"bad": True}] * 1001))
