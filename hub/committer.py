@@ -29,6 +29,10 @@ log = logging.getLogger("hub.committer")
 
 Queued = tuple[Push, "asyncio.Future[PushResult]", float]  # push, its answer, when queued
 
+SCAN_LIMIT = 4096  # queued pushes looked at for one batch
+SMALL_PUSH_ROWS = 100  # a push this small rides along with a full batch ...
+RIDE_ALONG_ROWS = 5000  # ... until the riders together write this many rows
+
 
 class Committer:
     def __init__(
@@ -36,12 +40,12 @@ class Committer:
         store: Store,
         *,
         max_batch_pushes: int = 512,
-        max_batch_changes: int = 20000,
+        max_batch_rows: int = 20000,
         metrics: Metrics | None = None,
     ):
         self.store = store
         self.max_batch_pushes = max_batch_pushes
-        self.max_batch_changes = max_batch_changes
+        self.max_batch_rows = max_batch_rows
         self.metrics = metrics
         self._queue: deque[Queued] = deque()
         self._batch: list[Queued] = []  # the batch being committed
@@ -92,14 +96,35 @@ class Committer:
             await self._task
 
     def _take_batch(self) -> list[Queued]:
+        """The next batch: queued pushes in order while their rows (fields
+        written, deletes) fit ``max_batch_rows``, the first whatever its size.
+
+        Past that, small pushes of other users still ride along (up to
+        RIDE_ALONG_ROWS more), so that one user's big pushes, queued one after
+        another, do not make everyone else's small ones wait for each of them.
+        A user's pushes keep their order: once one is left for later, so are
+        those queued after it.
+        """
         batch: list[Queued] = []
-        changes = 0
-        while self._queue and len(batch) < self.max_batch_pushes:
-            push = self._queue[0][0]
-            if batch and changes + len(push.changes) > self.max_batch_changes:
+        rows = 0
+        left: list[Queued] = []
+        waiting: set[str] = set()  # users with a push left for a later batch
+        queue = self._queue
+        for _ in range(min(len(queue), SCAN_LIMIT)):
+            if len(batch) >= self.max_batch_pushes:
                 break
-            batch.append(self._queue.popleft())
-            changes += len(push.changes)
+            item = queue.popleft()
+            push = item[0]
+            size = _rows(push)
+            fits = not batch or rows + size <= self.max_batch_rows
+            rides = size <= SMALL_PUSH_ROWS and rows + size <= self.max_batch_rows + RIDE_ALONG_ROWS
+            if push.user in waiting or not (fits or rides):
+                waiting.add(push.user)
+                left.append(item)
+                continue
+            batch.append(item)
+            rows += size
+        queue.extendleft(reversed(left))
         return batch
 
     async def _run(self) -> None:
@@ -159,6 +184,11 @@ class Committer:
             metrics.changes.labels("applied").inc(applied)
         if ignored:
             metrics.changes.labels("ignored").inc(ignored)
+
+
+def _rows(push: Push) -> int:
+    """The rows a push writes: a field row per field written, a record row per delete."""
+    return sum(len(c.fields) or 1 for c in push.changes) or 1
 
 
 def _shutting_down() -> Unavailable:

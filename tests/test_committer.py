@@ -16,7 +16,7 @@ import pytest
 
 from hub.committer import Committer
 from hub.errors import HubError, Unavailable
-from hub.types import Push, PushResult
+from hub.types import Change, FieldWrite, Push, PushResult
 
 
 class GatedStore:
@@ -172,3 +172,28 @@ async def test_abandon_answers_every_push_not_answered_yet():
     store.gates[0].set()  # the stuck commit ends after all: its event is still due
     await asyncio.wait_for(committer.close(), 1)
     assert late == [("a1", 1)]  # the queued push was never committed
+
+
+def wide_push(user: str, key: str, fields: int) -> Push:
+    writes = tuple(FieldWrite(f"f{i}", "1", "1700000000000-0000-d1") for i in range(fields))
+    return Push(user, "d1", (Change("c", "r", "upsert", writes),), key, "ws:d1")
+
+
+async def test_one_users_big_pushes_do_not_hold_another_users_small_one() -> None:
+    # Five pushes of a batch's worth of rows each from one user, then one small
+    # push of another: the small one rides with the first batch instead of
+    # waiting for all five; the big ones still commit one after another, in order.
+    store = GatedStore()
+    committer = Committer(store, max_batch_rows=1000)  # type: ignore[arg-type]
+    committer.start()
+    big = [committer.enqueue(wide_push("heavy", f"h{i}", 1000)) for i in range(5)]
+    small = committer.enqueue(push("light", "l1"))
+    await until(lambda: len(store.started) == 1)
+    assert [p.key for p in store.started[0]] == ["h0", "l1"]
+    for n in range(1, 6):
+        store.gates[n - 1].set()
+        if n < 5:
+            await until(lambda n=n: len(store.started) == n + 1)  # type: ignore[misc]
+            assert [p.key for p in store.started[n]] == [f"h{n}"]
+    assert (await small).version == 1
+    assert [(await f).version for f in big] == [1, 2, 3, 4, 5]
