@@ -195,8 +195,8 @@ PULL_PAGE_BYTES = 4 * 1024 * 1024
 # (Read by a second statement when the page was empty, it could include a
 # push committed in between, whose delta the cursor then skipped.) So there
 # is always a row: with no delta, one whose key columns are NULL. The page
-# stops before the delta that would take it past $7 bytes (the first always comes);
-# `deltas` says how many there were before that cut.
+# ends with the first delta that ends past $7 bytes; the caller leaves that
+# one out (unless it is the only one), and knows the page was cut.
 
 PULL = """
 WITH keys AS (
@@ -236,19 +236,21 @@ WITH keys AS (
         AND f.record_id = k.record_id AND f.version = k.version
         AND (r.deleted_hlc IS NULL OR f.hlc > r.deleted_hlc)
 ), sized AS (
-    -- Bytes up to and including each delta (its rows are peers in this order),
-    -- estimated as the answer spells them; and which delta each row is of.
+    -- Bytes before each delta and up to its end, estimated as the answer
+    -- spells them (a delta's rows are peers in this order).
     SELECT p.*,
-           sum(coalesce(octet_length(p.value), 0) + coalesce(octet_length(p.actor), 0)
-               + coalesce(octet_length(p.field), 0) + coalesce(octet_length(p.record_id), 0)
-               + 160)
-               OVER (ORDER BY p.version, p.collection, p.record_id) AS upto,
-           dense_rank() OVER (ORDER BY p.version, p.collection, p.record_id) AS delta
-    FROM page p
+           sum(b.bytes) OVER (w GROUPS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before,
+           sum(b.bytes) OVER w AS upto
+    FROM page p,
+         LATERAL (SELECT coalesce(octet_length(p.value), 0) + coalesce(octet_length(p.actor), 0)
+                         + coalesce(octet_length(p.field), 0)
+                         + coalesce(octet_length(p.record_id), 0) + 160 AS bytes) b
+    WINDOW w AS (ORDER BY p.version, p.collection, p.record_id)
 )
-SELECT s.*, (SELECT max(delta) FROM sized) AS deltas
-FROM sized s
-WHERE s.delta = 1 OR s.upto <= $7
+-- Up to the first delta that ends past the budget (the caller leaves it out
+-- unless it is the first, and knows from it that the page was cut).
+SELECT * FROM sized s
+WHERE coalesce(s.before, 0) <= $7
 ORDER BY s.version, s.collection, s.record_id, s.field
 """
 
@@ -645,8 +647,7 @@ class PostgresStore:
             rows = await con.fetch(PULL, user, *after, query.limit + 1, query.collection, max_bytes)
         user_version, horizon = rows[0]["user_version"] or 0, rows[0]["horizon"] or 0
         _check_cursor(cursor, user_version, horizon)
-        deltas = _deltas(rows) if rows[0]["version"] is not None else []
-        cut = bool(deltas) and len(deltas) < rows[0]["deltas"]  # left out for their bytes
+        deltas, cut = _deltas(rows, max_bytes) if rows[0]["version"] is not None else ([], False)
         has_more = cut or len(deltas) > query.limit
         if has_more:
             deltas = deltas[: query.limit]
@@ -974,12 +975,17 @@ def _check_cursor(cursor: Cursor, version: int, horizon: int) -> None:
         raise ResetRequired.ahead(version)
 
 
-def _deltas(rows: Sequence[asyncpg.Record]) -> list[Delta]:
+def _deltas(rows: Sequence[asyncpg.Record], max_bytes: int) -> tuple[list[Delta], bool]:
+    """The deltas of a pull's rows, and whether the page was cut for its bytes
+    (the last delta the query sent ends past ``max_bytes``: left out, unless
+    it is the only one)."""
     deltas: list[Delta] = []
     key: tuple[int, str, str] | None = None
     for row in rows:
         this = (row["version"], row["collection"], row["record_id"])
         if this != key:
+            if deltas and row["upto"] > max_bytes:
+                return deltas, True
             key = this
             deltas.append(
                 Delta(
@@ -996,4 +1002,4 @@ def _deltas(rows: Sequence[asyncpg.Record]) -> list[Delta]:
             )
         if row["field"] is not None:
             deltas[-1].fields[row["field"]] = (row["value"], row["hlc"])
-    return deltas
+    return deltas, False
