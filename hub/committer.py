@@ -27,7 +27,8 @@ __all__ = ["Committer"]
 
 log = logging.getLogger("hub.committer")
 
-Queued = tuple[Push, "asyncio.Future[PushResult]", float]  # push, its answer, when queued
+# A push, its answer, when it was queued, and the rows it writes.
+Queued = tuple[Push, "asyncio.Future[PushResult]", float, int]
 
 SCAN_LIMIT = 4096  # queued pushes looked at for one batch
 SMALL_PUSH_ROWS = 100  # a push this small rides along with a full batch ...
@@ -69,20 +70,20 @@ class Committer:
             raise _shutting_down()
         future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
-        self._queue.append((push, future, time.perf_counter()))
+        self._queue.append((push, future, time.perf_counter(), _rows(push)))
         self._wakeup.set()
         return future
 
     def pending(self) -> int:
         """Pushes not answered yet: queued, and in the batch being committed."""
-        return len(self._queue) + sum(not future.done() for _, future, _ in self._batch)
+        return len(self._queue) + sum(not future.done() for _, future, _, _ in self._batch)
 
     def abandon(self) -> None:
         """Answer every push not answered yet with ``unavailable`` and take no
         more: at shutdown, when the database did not finish in time. A commit
         that still ends well stays committed; the clients' retries are replays."""
         self._closing = True
-        for _, future, _ in (*self._batch, *self._queue):
+        for _, future, _, _ in (*self._batch, *self._queue):
             if not future.done():
                 future.set_exception(_shutting_down())
         self._queue.clear()
@@ -114,12 +115,14 @@ class Committer:
             if len(batch) >= self.max_batch_pushes:
                 break
             item = queue.popleft()
-            push = item[0]
-            size = _rows(push)
+            user, size = item[0].user, item[3]
+            if user in waiting:
+                left.append(item)
+                continue
             fits = not batch or rows + size <= self.max_batch_rows
             rides = size <= SMALL_PUSH_ROWS and rows + size <= self.max_batch_rows + RIDE_ALONG_ROWS
-            if push.user in waiting or not (fits or rides):
-                waiting.add(push.user)
+            if not (fits or rides):
+                waiting.add(user)
                 left.append(item)
                 continue
             batch.append(item)
@@ -138,13 +141,13 @@ class Committer:
             batch = self._batch = self._take_batch()
             began = time.perf_counter()
             try:
-                results = await self.store.commit([push for push, _, _ in batch])
+                results = await self.store.commit([push for push, _, _, _ in batch])
             except Exception:  # the store answers per push; this is a bug, keep serving
                 log.exception("commit of a batch of %d pushes failed", len(batch))
                 results = [HubError("the push could not be stored") for _ in batch]
             if self.metrics is not None:
                 self._observe(batch, results, began)
-            for (push, future, _), result in zip(batch, results, strict=True):
+            for (push, future, _, _), result in zip(batch, results, strict=True):
                 if future.done():
                     if isinstance(result, PushResult) and self.on_late_commit is not None:
                         try:
@@ -168,7 +171,7 @@ class Committer:
         metrics.batch_pushes.observe(len(batch))
         applied = ignored = 0
         kinds: Counter[str] = Counter()
-        for (_, _, queued_at), result in zip(batch, results, strict=True):
+        for (_, _, queued_at, _), result in zip(batch, results, strict=True):
             metrics.push_seconds.observe(now - queued_at)
             if isinstance(result, HubError):
                 kinds[result.code] += 1
