@@ -43,10 +43,13 @@ DRAIN_BATCH = 200  # connections closed per step of a graceful shutdown
 DRAIN_STEP_S = 0.05
 WORKER_POLL_S = 0.2  # how often `hub serve --workers N` looks for a worker that exited
 # A request's line and headers: at most this many bytes, within this long
-# (431 or a close beyond); its body, once the headers are in, within this long.
+# (431 or a close beyond); its body, once the headers are in, must keep coming:
+# BODY_STEP_BYTES more (or its end) within every BODY_STEP_S. Slow links
+# are fine (about 1 KiB/s), a connection that stops sending is not.
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 10.0
-BODY_TIMEOUT_S = 60.0
+BODY_STEP_S = 15.0
+BODY_STEP_BYTES = 16 * 1024
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -61,6 +64,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     _head_open = True  # the current request's line and headers are not all in yet
     _head_bytes = 0
+    _body_due = 0  # body bytes that re-arm the body's timer when in
     _timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
@@ -94,7 +98,16 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         upgrading = self.parser.should_upgrade() and self._should_upgrade()
         if not upgrading and self.cycle is not None and self.cycle.more_body:
-            self._arm(BODY_TIMEOUT_S)
+            self._body_due = BODY_STEP_BYTES
+            self._arm(BODY_STEP_S)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._timer is not None:
+            self._body_due -= len(body)
+            if self._body_due <= 0:  # it keeps coming: another step
+                self._body_due = BODY_STEP_BYTES
+                self._arm(BODY_STEP_S)
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -112,6 +125,11 @@ class HttpProtocol(HttpToolsProtocol):
     def _too_slow(self) -> None:
         self._timer = None
         if self.transport.is_closing():
+            return
+        if not self._head_open and self.flow.read_paused:
+            # The body waits on the application (its buffer is full), not on
+            # the client: no fault of the client's.
+            self._arm(BODY_STEP_S)
             return
         if self._head_open and self._head_bytes == 0:
             self.transport.close()  # nothing of a request came: an idle connection

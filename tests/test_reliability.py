@@ -843,6 +843,47 @@ async def test_a_push_body_that_is_slow_to_read_does_not_hold_other_users(
     assert latencies[len(latencies) // 2] < 0.25, latencies
 
 
+async def test_a_slow_body_that_keeps_coming_is_taken_and_a_stalled_one_is_not(
+    fuzz_hub: HubProcess,
+):
+    # A valid push sent slowly but steadily (20 KiB every 5 s: 20 s in all) is
+    # answered 200; a body that stops coming gets 408 within a step (15 s).
+    # A fixed deadline for the whole body refused uploads on slow links.
+    host, port = host_port(fuzz_hub)
+    user = new_user()
+    changes = [change(f"t{i}", stamp(), note="n" * 19_000) for i in range(4)]
+    body = push_body(changes)
+    head = (
+        f"POST /v1/sync/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nAuthorization: Bearer {token_for(user)}\r\n\r\n"
+    ).encode()
+
+    async def send_slowly() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(head)
+        for start in range(0, len(body), 20_000):
+            writer.write(body[start : start + 20_000])
+            await writer.drain()
+            if start + 20_000 < len(body):
+                await asyncio.sleep(5)
+        answer = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        return answer
+
+    async def stall() -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(head + body[:1000])
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(4096), 30)
+        writer.close()
+        return answer, time.monotonic() - started
+
+    slow, (stalled, after) = await asyncio.gather(send_slowly(), stall())
+    assert slow.startswith(b"HTTP/1.1 200"), slow[:200]
+    assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
+    assert 14 < after < 20, after
+
+
 def rss_mib(hub: HubProcess) -> float:
     """The hub process's resident memory, in MiB (Linux)."""
     for line in Path(f"/proc/{hub.proc.pid}/status").read_text().splitlines():
