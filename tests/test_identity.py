@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -14,7 +15,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -853,6 +854,30 @@ async def closes_with(ws: Any, timeout: float = 10.0) -> int:
     return code
 
 
+@contextlib.asynccontextmanager
+async def statements_ran(database_url: str, like: str) -> AsyncIterator[Callable[[], Any]]:
+    """A condition for :func:`wait_for`: a statement whose text is ``like``
+    (SQL LIKE) has run to its end on the database since this block began."""
+    watcher = await asyncpg.connect(database_url)
+    try:
+        began = await watcher.fetchval("SELECT now()")
+
+        async def ran() -> bool:
+            return bool(
+                await watcher.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND state = 'idle'
+                         AND query LIKE $1 AND query_start > $2""",
+                    like,
+                    began,
+                )
+            )
+
+        yield ran
+    finally:
+        await watcher.close()
+
+
 async def test_a_device_revoked_while_it_connects_is_closed(hub_factory, redis_url, user):
     # Hub A's Redis commands arrive 0.8 s late, so a connection of the device
     # waits there for its admission after it checked the device in the
@@ -921,28 +946,15 @@ async def test_a_key_revoked_while_it_is_looked_up_is_refused(
         hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
         key = await new_key(hub_b, token_for(user))
         proxy.answer_delay_s = 0.8
-        watcher = await asyncpg.connect(database_url)
-        began = await watcher.fetchval("SELECT now()")
-        connecting = asyncio.ensure_future(
-            ws_connect(
-                f"{hub_a.ws_url}?device=bot",
-                additional_headers={"Authorization": f"Bearer {key['key']}"},
-                open_timeout=10,
-            )
-        )
-
-        async def looked_up() -> bool:  # the lookup ran; its answer is on its way to hub A
-            return bool(
-                await watcher.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity
-                       WHERE datname = current_database() AND state = 'idle'
-                         AND query LIKE '%FROM hub_api_keys WHERE id%' AND query_start > $1""",
-                    began,
+        async with statements_ran(database_url, "%FROM hub_api_keys WHERE id%") as ran:
+            connecting = asyncio.ensure_future(
+                ws_connect(
+                    f"{hub_a.ws_url}?device=bot",
+                    additional_headers={"Authorization": f"Bearer {key['key']}"},
+                    open_timeout=10,
                 )
             )
-
-        await wait_for(looked_up, timeout=5, interval=0.005)
-        await watcher.close()
+            await wait_for(ran, timeout=5, interval=0.005)  # its answer is on its way to A
         r = await call(hub_b, "DELETE", f"/v1/api-keys/{key['id']}", token_for(user))
         assert r.status_code == 204
         ws = await connecting
@@ -970,22 +982,9 @@ async def test_a_refresh_to_a_key_revoked_meanwhile_is_refused(
         # Hub A has the key cached, not revoked.
         assert (await call(hub_a, "GET", "/v1/sync/status", key["key"])).status_code == 200
         proxy.answer_delay_s = 0.8
-        watcher = await asyncpg.connect(database_url)
-        began = await watcher.fetchval("SELECT now()")
-        await device.send({"type": "auth", "token": key["key"], "id": "r1"})
-
-        async def read_again() -> bool:  # the key's state, read for the refresh
-            return bool(
-                await watcher.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity
-                       WHERE datname = current_database() AND state = 'idle'
-                         AND query LIKE '%revoked_at IS NOT NULL%' AND query_start > $1""",
-                    began,
-                )
-            )
-
-        await wait_for(read_again, timeout=5, interval=0.005)
-        await watcher.close()
+        async with statements_ran(database_url, "%revoked_at IS NOT NULL%") as ran:
+            await device.send({"type": "auth", "token": key["key"], "id": "r1"})
+            await wait_for(ran, timeout=5, interval=0.005)  # the key read again
         r = await call(hub_b, "DELETE", f"/v1/api-keys/{key['id']}", jwt_token)
         assert r.status_code == 204
         proxy.answer_delay_s = 0.0
