@@ -50,6 +50,7 @@ MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 10.0
 BODY_STEP_S = 15.0
 BODY_STEP_BYTES = 16 * 1024
+LINGER_S = 2.0  # after refusing a request, its connection is read (and dropped) this long
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -65,6 +66,7 @@ class HttpProtocol(HttpToolsProtocol):
     _head_open = True  # the current request's line and headers are not all in yet
     _head_bytes = 0
     _body_due = 0  # body bytes that re-arm the body's timer when in
+    _refused = False  # answered 431 or 408: closing
     _timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
@@ -76,6 +78,8 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: what comes is dropped, not parsed
         if self._head_open:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -144,7 +148,14 @@ class HttpProtocol(HttpToolsProtocol):
             b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
         )
-        self.transport.close()
+        # A lingering close: end the sending side, and for a moment read and
+        # drop what the client still sends. Closed at once with its data
+        # unread, the socket would be reset, and a client still sending would
+        # lose the answer before it read it.
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timer = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
