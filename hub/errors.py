@@ -24,6 +24,7 @@ pure: no I/O, no asyncio.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "retry_delay",
     "ResetRequired",
     "TokenExpired",
     "Unauthorized",
@@ -181,11 +183,19 @@ class IdempotencyKeyReused(HubError):
         self.key = key
 
 
+def retry_delay(seconds: float) -> float:
+    """A wait as clients are told it: whole milliseconds, rounded up, and at
+    least 10. (A bucket a hair short of a token gave ``"retry_after": 0``,
+    which a client takes as "now", to be refused again.)"""
+    return max(0.01, math.ceil(seconds * 1000) / 1000)
+
+
 class RateLimited(HubError):
     code = "rate_limited"
     status = 429
 
     def __init__(self, message: str, retry_after: float) -> None:
+        retry_after = retry_delay(retry_after)
         super().__init__(message, {"retry_after": retry_after})
         self.retry_after = retry_after
 

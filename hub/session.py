@@ -36,6 +36,7 @@ from .errors import (
     TokenExpired,
     Unauthorized,
     Unavailable,
+    retry_delay,
 )
 from .protocol import (
     WS_1011_INTERNAL_ERROR,
@@ -407,6 +408,7 @@ class Session:
         if self._strikes > MAX_STRIKES:
             self.close_soon(WS_4008_RATE_LIMITED, "rate limited")
             return True
+        wait = retry_delay(wait)
         raise RateLimited(f"too many messages; retry in {wait:.2f}s", wait)
 
     def _push(self, message: dict[str, Any]) -> None:

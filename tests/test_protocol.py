@@ -20,12 +20,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.errors import BadRequest, ClockSkew, HubError, InvalidChange, PayloadTooLarge
+from hub.errors import (
+    BadRequest,
+    ClockSkew,
+    HubError,
+    InvalidChange,
+    PayloadTooLarge,
+    RateLimited,
+)
 from hub.protocol import (
     Limits,
     ack_message,
     decode_cursor,
     encode_cursor,
+    error_of,
     message_id,
     parse_changes,
     parse_http_push,
@@ -855,3 +863,14 @@ def test_what_a_push_grows_by_once_written_out_is_bounded() -> None:
 def test_numbers_are_spelled_as_they_will_be_stored(value: Any, stored: str) -> None:
     (change,) = parse_changes([up(title(value))], LIMITS, NOW)
     assert change.fields[0].value == stored
+
+
+@pytest.mark.parametrize(
+    ("wait", "told"), [(0.0, 0.01), (0.0004, 0.01), (0.0123, 0.013), (0.5, 0.5), (2.0001, 2.001)]
+)
+def test_a_rate_limit_never_says_retry_now(wait: float, told: float) -> None:
+    # A bucket a hair short of a token said "retry_after": 0: the client
+    # retried at once and was refused again.
+    error = RateLimited("too many messages", wait)
+    assert error.retry_after == told
+    assert orjson.loads(error_of(error, "m-1"))["retry_after"] == told
