@@ -34,8 +34,9 @@ class Store(Protocol):
         one delta); ``ResetRequired`` for a cursor past the horizon."""
         ...
 
-    async def version(self, user: str) -> int:
-        """The user's current version (0 for a user with no history)."""
+    async def admission(self, user: str, device: str, key_id: str | None) -> tuple[int, str | None]:
+        """The user's version (0 with no history), and ``"device"`` or ``"key"``
+        when the connection's device or API key is revoked."""
         ...
 
     async def status(self, user: str) -> dict[str, Any]:

@@ -608,11 +608,6 @@ class PostgresStore:
 
     # -- pull ------------------------------------------------------------
 
-    async def version(self, user: str) -> int:
-        async with self._connection() as con:
-            found = await con.fetchval("SELECT version FROM hub_users WHERE user_id = $1", user)
-        return int(found or 0)
-
     async def admission(self, user: str, device: str, key_id: str | None) -> tuple[int, str | None]:
         """The user's version, and ``"device"`` or ``"key"`` if the connection's
         device or API key is revoked (else None), in one round trip."""

@@ -32,7 +32,7 @@ async def test_versions_only_for_pushes_that_change_something(store, user):
         store, push(user, upsert("t1", title=("b", stamp(2))), upsert("t2", x=(1, stamp(0))))
     )
     assert (newer.version, newer.applied, newer.prev) == (2, 2, 1)
-    assert await store.version(user) == 2
+    assert (await store.status(user))["version"] == 2
 
 
 async def test_delete_and_revive_in_pull(store, user):
@@ -79,7 +79,7 @@ async def test_idempotent_replay_and_reused_key(store, user):
     first = await commit_one(store, p)
     again = await commit_one(store, p)
     assert again.replay and again.body() == first.body()
-    assert await store.version(user) == 1
+    assert (await store.status(user))["version"] == 1
     other = push(user, upsert("t1", title=("b", stamp(2))), key="k1")
     [result] = await store.commit([other])
     assert isinstance(result, IdempotencyKeyReused)
@@ -93,7 +93,7 @@ async def test_same_key_twice_in_one_batch_is_a_replay(store, user):
     assert isinstance(first, PushResult) and isinstance(second, PushResult)
     assert (first.replay, second.replay) == (False, True)
     assert second.body() == first.body()
-    assert await store.version(user) == 1
+    assert (await store.status(user))["version"] == 1
 
 
 async def test_users_never_see_each_other(store):
@@ -207,7 +207,7 @@ async def test_one_push_failing_in_the_database_does_not_sink_the_batch(database
         assert isinstance(results[0], PushResult) and results[0].version == 1
         assert isinstance(results[1], HubError) and results[1].code == "internal"
         assert isinstance(results[2], PushResult) and results[2].version == 1
-        assert await store.version(bad) == 0
+        assert (await store.status(bad))["version"] == 0
         for u in (good1, good2):
             deltas, _, _ = await pull_all(store, u)
             assert [d.record_id for d in deltas] == ["t1"]
