@@ -52,13 +52,17 @@ class Committer:
         self._batch: list[Queued] = []  # the batch being committed
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         # Told of a push committed after its future was answered (abandoned at
         # shutdown): its event is still to be published.
         self.on_late_commit: Callable[[Push, PushResult], None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="hub-committer")
+        # Kept: asking for the running loop on every push costs a getpid()
+        # system call (CPython checks the loop belongs to this process).
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="hub-committer")
 
     def enqueue(self, push: Push) -> asyncio.Future[PushResult]:
         """Queue a push; the future gets its result or its ``HubError``.
@@ -68,7 +72,8 @@ class Committer:
         """
         if self._closing:
             raise _shutting_down()
-        future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[PushResult] = loop.create_future()
         future.add_done_callback(_consume)
         self._queue.append((push, future, time.perf_counter(), _rows(push)))
         self._wakeup.set()
