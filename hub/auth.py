@@ -65,6 +65,12 @@ KEY_SECRET_CHARS = 32
 KEY_CHECK_CHARS = 6
 KEY_CHARS = len(KEY_PREFIX) + KEY_ID_CHARS + KEY_SECRET_CHARS + KEY_CHECK_CHARS
 KEY_CACHE_S = 10.0
+# API keys looked up in the database at once by one process, and how many
+# lookups may wait for their turn (503 beyond). Unbounded, a flood of forged
+# keys (well formed, so each one costs a lookup) took every connection of the
+# pool, and everyone's commits queued behind the lookups.
+MAX_KEY_LOOKUPS = 2
+MAX_KEY_LOOKUPS_WAITING = 256
 JWKS_TIMEOUT_S = 5.0
 JWKS_MAX_AGE_S = 300.0  # the key set is fetched again at least this often
 
@@ -260,6 +266,11 @@ class Authenticator:
         self._find_key = find_key
         self._keys: dict[str, tuple[float, ApiKeyRecord | None]] = {}
         self._forgets = 0  # keys forgotten so far: a lookup across one is not cached
+        self._lookup_slots = asyncio.Semaphore(MAX_KEY_LOOKUPS)
+        self._lookups = 0  # lookups running or waiting for a slot
+        # Lookups running, by key id, with the forgets count they began at:
+        # a request for the same key joins one that began since the last forget.
+        self._running: dict[str, tuple[int, asyncio.Future[ApiKeyRecord | None]]] = {}
         self.keys_used: dict[str, float] = {}  # id -> Unix time, flushed in bulk
 
     def __repr__(self) -> str:
@@ -293,7 +304,24 @@ class Authenticator:
         if self._find_key is None:
             return None
         forgets = self._forgets
-        record = await self._find_key(key_id)
+        running = self._running.get(key_id)
+        if running is None or running[0] != forgets:
+            if self._lookups >= MAX_KEY_LOOKUPS_WAITING:
+                raise Unavailable(
+                    "too many API keys are being checked at once; retry", retry_after=1.0
+                )
+            # A task of its own: a caller that goes away does not end the
+            # lookup for the others that joined it.
+            task = asyncio.ensure_future(self._look_up(key_id, forgets, now))
+            task.add_done_callback(lambda t: self._looked_up(key_id, t))
+            running = self._running[key_id] = (forgets, task)
+            self._lookups += 1
+        return await asyncio.shield(running[1])
+
+    async def _look_up(self, key_id: str, forgets: int, now: float) -> ApiKeyRecord | None:
+        assert self._find_key is not None
+        async with self._lookup_slots:
+            record = await self._find_key(key_id)
         if forgets != self._forgets:
             # A revocation came while the database was asked: what it said may
             # predate it, and must not be what this process goes on believing.
@@ -302,6 +330,13 @@ class Authenticator:
             self._keys.clear()
         self._keys[key_id] = (now, record)
         return record
+
+    def _looked_up(self, key_id: str, task: asyncio.Future[ApiKeyRecord | None]) -> None:
+        self._lookups -= 1
+        if self._running.get(key_id, (0, None))[1] is task:
+            del self._running[key_id]
+        if not task.cancelled():
+            task.exception()  # read: when every caller went away, nobody else will
 
     @property
     def forgets(self) -> int:

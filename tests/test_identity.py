@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -39,6 +40,17 @@ from support import (
 )
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
+
+from hub.auth import (
+    MAX_KEY_LOOKUPS,
+    MAX_KEY_LOOKUPS_WAITING,
+    Authenticator,
+    JwtVerifier,
+    make_api_key,
+    parse_api_key,
+)
+from hub.errors import Unauthorized, Unavailable
+from hub.types import ApiKeyRecord
 
 # -- small helpers ------------------------------------------------------------------
 
@@ -1218,3 +1230,136 @@ async def test_cors_allows_exactly_the_allowed_origins(shared_hub, user):
         assert "idempotent-replay" in ok.headers["access-control-expose-headers"].lower()
         other = await http.get("/v1/sync/status", headers={**auth, "Origin": foreign})
         assert "access-control-allow-origin" not in other.headers
+
+
+# -- API key lookups: bounded, shared -------------------------------------------------
+
+
+def key_authenticator(find_key: Callable[[str], Any]) -> Authenticator:
+    verifier = JwtVerifier(secret=JWT_SECRET, algorithms=("HS256",))
+    return Authenticator(verifier, pepper="test-pepper-" + "p" * 20, find_key=find_key)
+
+
+class SlowKeys:
+    """A key store whose every lookup waits until released; it counts them."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.records: dict[str, ApiKeyRecord] = {}
+        self.started = self.running = self.most = 0
+
+    async def __call__(self, key_id: str) -> ApiKeyRecord | None:
+        record = self.records.get(key_id)  # what the database says as it is asked
+        self.started += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return record
+
+    def add(self, authenticator: Authenticator) -> str:
+        key_id, key = make_api_key()
+        self.records[key_id] = ApiKeyRecord(
+            key_id, "u1", frozenset({"read"}), authenticator.hash_key(key), False
+        )
+        return key
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_forged_keys_are_looked_up_a_few_at_a_time():
+    keys = SlowKeys()
+    authenticator = key_authenticator(keys)
+    tries = [
+        asyncio.ensure_future(authenticator.authenticate(make_api_key()[1])) for _ in range(20)
+    ]
+    await wait_for(lambda: keys.started == MAX_KEY_LOOKUPS)
+    await settle()
+    assert keys.started == MAX_KEY_LOOKUPS  # the rest wait here, not for the database
+    keys.release.set()
+    answers = await asyncio.gather(*tries, return_exceptions=True)
+    assert all(isinstance(a, Unauthorized) for a in answers), answers
+    assert keys.started == 20 and keys.most == MAX_KEY_LOOKUPS
+
+
+async def test_lookups_past_the_queue_are_refused_with_503_and_the_rest_go_on():
+    keys = SlowKeys()
+    authenticator = key_authenticator(keys)
+    good = keys.add(authenticator)
+    tries = [
+        asyncio.ensure_future(authenticator.authenticate(make_api_key()[1]))
+        for _ in range(MAX_KEY_LOOKUPS_WAITING - 1)
+    ]
+    tries.append(asyncio.ensure_future(authenticator.authenticate(good)))
+    await settle()
+    with pytest.raises(Unavailable) as refused:
+        await authenticator.authenticate(make_api_key()[1])
+    assert refused.value.status == 503 and refused.value.retry_after
+    keys.release.set()
+    answers = await asyncio.gather(*tries, return_exceptions=True)
+    assert all(isinstance(a, Unauthorized) for a in answers[:-1])
+    assert answers[-1].user == "u1"  # queued before the limit: answered
+
+
+async def test_requests_with_one_key_share_its_lookup_even_when_one_goes_away():
+    keys = SlowKeys()
+    authenticator = key_authenticator(keys)
+    key = keys.add(authenticator)
+    tries = [asyncio.ensure_future(authenticator.authenticate(key)) for _ in range(10)]
+    await settle()
+    tries[0].cancel()  # the first caller's client left
+    keys.release.set()
+    answers = await asyncio.gather(*tries[1:])
+    assert {a.user for a in answers} == {"u1"} and keys.started == 1
+
+
+async def test_a_request_after_a_revocation_does_not_join_a_lookup_made_before_it():
+    keys = SlowKeys()
+    authenticator = key_authenticator(keys)
+    key = keys.add(authenticator)
+    before = asyncio.ensure_future(authenticator.authenticate(key))
+    await wait_for(lambda: keys.started == 1)
+    key_id = parse_api_key(key)
+    keys.records[key_id] = dataclasses.replace(keys.records[key_id], revoked=True)
+    authenticator.forget_key(key_id)
+    after = asyncio.ensure_future(authenticator.authenticate(key))
+    await wait_for(lambda: keys.started == 2)
+    keys.release.set()
+    with pytest.raises(Unauthorized, match="revoked"):
+        await after
+    assert (await before).user == "u1"  # asked before the revocation: as the database said
+
+
+async def test_a_flood_of_forged_keys_does_not_hold_up_other_users_pushes(
+    hub_factory, database_url, user
+):
+    # The database's answers reach the hub 0.2 s late. 40 requests with
+    # forged (well-formed, unknown) keys each cost a lookup; a JWT user's push
+    # must not queue behind them for a connection of the pool: it is acked
+    # while most of the forged requests are still waiting for their turn.
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(database_url) as proxy:
+        hub = await asyncio.to_thread(hub_factory, {"HUB_DATABASE_URL": proxy.url(database_url)})
+        assert (await http_push(hub, token_for(user), "d1", "warm")).status_code == 200
+        proxy.answer_delay_s = 0.2
+        answered = 0
+
+        async def forged() -> None:
+            nonlocal answered
+            r = await call(hub, "GET", "/v1/sync/status", make_api_key()[1])
+            assert r.status_code == 401, r.text
+            answered += 1
+
+        async with statements_ran(database_url, "%FROM hub_api_keys WHERE id%") as ran:
+            flood = [asyncio.ensure_future(forged()) for _ in range(40)]
+            await wait_for(ran, timeout=5, interval=0.005)
+        r = await http_push(hub, token_for(user), "d1", "r1")
+        assert r.status_code == 200, r.text
+        assert answered < 20, f"the push waited for {answered} of 40 forged keys' lookups"
+        await asyncio.gather(*flood)
