@@ -240,7 +240,8 @@ WITH keys AS (
     -- spells them (a delta's rows are peers in this order).
     SELECT p.*,
            sum(b.bytes) OVER (w GROUPS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before,
-           sum(b.bytes) OVER w AS upto
+           sum(b.bytes) OVER w AS upto,
+           count(*) OVER () AS page_rows
     FROM page p,
          LATERAL (SELECT coalesce(octet_length(p.value), 0) + coalesce(octet_length(p.actor), 0)
                          + coalesce(octet_length(p.field), 0)
@@ -248,7 +249,7 @@ WITH keys AS (
     WINDOW w AS (ORDER BY p.version, p.collection, p.record_id)
 )
 -- Up to the first delta that ends past the budget (the caller leaves it out
--- unless it is the first, and knows from it that the page was cut).
+-- unless it is the first); page_rows tells whether rows were left out.
 SELECT * FROM sized s
 WHERE coalesce(s.before, 0) <= $7
 ORDER BY s.version, s.collection, s.record_id, s.field
@@ -973,7 +974,7 @@ def _check_cursor(cursor: Cursor, version: int, horizon: int) -> None:
 def _deltas(rows: Sequence[asyncpg.Record], max_bytes: int) -> tuple[list[Delta], bool]:
     """The deltas of a pull's rows, and whether the page was cut for its bytes
     (the last delta the query sent ends past ``max_bytes``: left out, unless
-    it is the only one)."""
+    it is the first, which comes alone; or the query left rows out after it)."""
     deltas: list[Delta] = []
     key: tuple[int, str, str] | None = None
     for row in rows:
@@ -997,4 +998,6 @@ def _deltas(rows: Sequence[asyncpg.Record], max_bytes: int) -> tuple[list[Delta]
             )
         if row["field"] is not None:
             deltas[-1].fields[row["field"]] = (row["value"], row["hlc"])
-    return deltas, False
+    # A first delta past the budget comes alone: the page was cut if the
+    # query left rows out after it.
+    return deltas, len(rows) < rows[0]["page_rows"]

@@ -170,6 +170,26 @@ async def test_pages_stop_at_a_byte_budget_and_lose_nothing(store, user):
     assert max(sizes) == 3 and sizes[-1] == 1, sizes  # 4 x 10 KB (+ overhead) pass 40 KB
 
 
+async def test_a_delta_past_the_budget_is_not_the_end_of_the_pull(store, user):
+    # A page that starts with a delta larger than the budget holds only it,
+    # and must say there may be more: the deltas after it come on the next
+    # pages, whether the big one is first, in the middle or last.
+    await commit_one(store, push(user, upsert("big1", body=("x" * 50_000, stamp(1)))))
+    await commit_one(store, push(user, upsert("small1", body=("s", stamp(2)))))
+    await commit_one(store, push(user, upsert("big2", body=("y" * 50_000, stamp(3)))))
+    await commit_one(store, push(user, upsert("small2", body=("s", stamp(4)))))
+    await commit_one(store, push(user, upsert("big3", body=("z" * 50_000, stamp(5)))))
+    cursor, seen = Cursor(0), []
+    for _ in range(20):
+        page = await store.pull(user, PullQuery(cursor, 5000, None), max_bytes=40_000)
+        seen.extend(d.record_id for d in page.changes)
+        cursor = page.cursor
+        if not page.has_more:
+            break
+    assert seen == ["big1", "small1", "big2", "small2", "big3"]
+    assert cursor.version == 5
+
+
 async def test_incremental_pull_gets_only_what_is_new(store, user):
     await commit_one(store, push(user, upsert("t1", a=(1, stamp(1)))))
     _, cursor, _ = await pull_all(store, user)
