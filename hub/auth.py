@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import string
 import time
@@ -190,14 +191,36 @@ class JwtVerifier:
         except jwt.InvalidTokenError:
             raise Unauthorized("the token is invalid") from None
         user = claims["sub"]
-        if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_CHARS or "\x00" in user:
+        if not _valid_user(user):
             raise Unauthorized("the token's 'sub' must be a user id of 1..128 characters")
-        exp = claims["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        expires_at = _expiry(claims["exp"])
+        if expires_at is None:
             # A string of digits passes the library's check, but a connection
             # would then have no expiry to enforce (RFC 7519: a JSON number).
             raise Unauthorized("the token's 'exp' must be a number")
-        return Principal(user, ALL_SCOPES, "jwt", float(exp))
+        return Principal(user, ALL_SCOPES, "jwt", expires_at)
+
+
+def _valid_user(user: object) -> bool:
+    """1..128 characters, no U+0000, and storable (no lone surrogate)."""
+    if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_CHARS or "\x00" in user:
+        return False
+    try:
+        user.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _expiry(exp: object) -> float | None:
+    """A token's ``exp`` as a finite Unix time; None when it is no such number."""
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        return None
+    try:
+        expires_at = float(exp)
+    except OverflowError:  # an integer past float's range
+        return None
+    return expires_at if math.isfinite(expires_at) else None
 
 
 async def _fetch_url(url: str) -> bytes:

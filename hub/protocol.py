@@ -644,13 +644,15 @@ def parse_auth(message: Any) -> AuthMessage:
     if device is not None and not valid_device(device):
         raise BadRequest("'device' must be 1..64 characters of [A-Za-z0-9_.:-]")
     mode = message.get("mode", "events")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise BadRequest("'mode' must be 'events' or 'notify'")
     name = message.get("device_name")
     platform = message.get("platform")
     for key, value in (("device_name", name), ("platform", platform)):
-        if value is not None and (not isinstance(value, str) or len(value) > 128):
-            raise BadRequest(f"'{key}' must be a string of at most 128 characters")
+        if value is not None and (
+            not isinstance(value, str) or len(value) > 128 or "\x00" in value
+        ):
+            raise BadRequest(f"'{key}' must be a string of at most 128 characters, without U+0000")
     return AuthMessage(token, device, mode, name, platform)
 
 

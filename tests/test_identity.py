@@ -66,9 +66,14 @@ def claims_for(user: str, ttl_s: int = 3600, **extra: Any) -> dict[str, Any]:
 
 def hs_token(claims: dict[str, Any], secret: str | bytes = JWT_SECRET, **header: Any) -> str:
     """An HS256 JWS made by hand, so any secret (also a PEM public key) can sign it."""
+    return hs_token_text(orjson.dumps(claims).decode(), secret, **header)
+
+
+def hs_token_text(claims: str, secret: str | bytes = JWT_SECRET, **header: Any) -> str:
+    """An HS256 JWS of claims written as JSON text, even JSON orjson would not write."""
     key = secret.encode() if isinstance(secret, str) else secret
     head = b64url(orjson.dumps({"alg": "HS256", "typ": "JWT", **header}))
-    body = b64url(orjson.dumps(claims))
+    body = b64url(claims.encode())
     signature = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{b64url(signature)}"
 
@@ -379,6 +384,11 @@ async def test_hs256_hub_refuses_bad_tokens_with_401(shared_hub, user):
         "sub too long": hs_token({"sub": "u" * 129, "exp": now + 3600}),
         "empty sub": hs_token({"sub": "", "exp": now + 3600}),
         "sub with NUL": hs_token({"sub": "\x00control", "exp": now + 3600}),
+        # Claims JSON allows and the JWT library takes, but no user id or expiry can be.
+        "sub a lone surrogate": hs_token_text(f'{{"sub": "\\ud800", "exp": {now + 3600}}}'),
+        "exp past a float's range": hs_token_text(f'{{"sub": "{user}", "exp": 1{"0" * 400}}}'),
+        "exp Infinity": hs_token_text(f'{{"sub": "{user}", "exp": Infinity}}'),
+        "exp NaN": hs_token_text(f'{{"sub": "{user}", "exp": NaN}}'),
         "HS384 when only HS256 is allowed": jwt.encode(
             claims_for(user), JWT_SECRET, algorithm="HS384"
         ),

@@ -233,12 +233,18 @@ async def test_a_text_frame_that_is_not_utf8_closes_with_1007(shared_hub, user):
         {"type": "auth", "token": "garbage", "device": "web"},
         {"type": "auth", "device": "web"},
         {"type": "push", "id": "x", "changes": []},
+        # A good token ("valid" stands for one), with a bad field beside it.
+        {"type": "auth", "token": "valid", "device": "web", "mode": ["events"]},
+        {"type": "auth", "token": "valid", "device": "web", "device_name": "a\x00b"},
+        {"type": "auth", "token": "valid", "device": "web", "platform": "\x00"},
     ],
 )
 async def test_unauthenticated_connections_are_closed_with_4001(hub_factory, first_message):
     hub = hub_factory({"HUB_AUTH_TIMEOUT_S": "0.5"})
     async with ws_connect(hub.ws_url, open_timeout=10) as ws:
         if first_message is not None:
+            if first_message.get("token") == "valid":
+                first_message = {**first_message, "token": token_for("u-" + secrets.token_hex(4))}
             await ws.send(orjson.dumps(first_message).decode())
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
