@@ -280,7 +280,9 @@ def _encode_value(
         )
     size = len(encoded)
     respell = RESPELL_RE.search(encoded) is not None
-    if respell:
+    # A number with more digits after the point than PostgreSQL keeps may be
+    # written out with no exponent; it is then longer than that many bytes.
+    if respell or size > MAX_FRACTION_DIGITS:
         try:
             size += _written_out_excess(value)
         except _Unstorable as exc:
@@ -440,6 +442,7 @@ def _change(raw: Any, index: int, limits: Limits, now_ms: int, growth: list[int]
                 and encoded.count(b"[") + encoded.count(b"{") > MAX_VALUE_DEPTH
             )
             or DOUBT_RE.search(encoded) is not None
+            or len(encoded) > MAX_FRACTION_DIGITS
         ):
             value = _encode_value(value, max_value, f"fields.{name}", index, growth)
         else:

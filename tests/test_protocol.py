@@ -350,12 +350,28 @@ def test_values_that_would_not_stay_within_the_limits_are_refused(
     assert mentions in info.value.message
 
 
-@pytest.mark.parametrize("raw_value", [b"1e-16384", b"[1, 2.5e-16384]", b"1.5E-16383"])
+@pytest.mark.parametrize(
+    "raw_value",
+    [
+        b"1e-16384",
+        b"[1, 2.5e-16384]",
+        b"1.5E-16383",
+        # Written out, with no exponent to give them away.
+        b"0." + b"1" * 16384,
+        b"[1, -0." + b"0" * 16383 + b"7]",
+    ],
+    ids=["exponent", "in an array", "mantissa", "written out", "written out in an array"],
+)
 def test_numbers_postgresql_cannot_store_are_refused_naming_the_field(raw_value: bytes) -> None:
     # numeric keeps at most 16383 digits after the point; passed on, the whole
     # batch of every user would fail in the database.
     with pytest.raises(InvalidChange, match=re.escape("changes[0].fields.t: a number has more")):
         http(push_of_value(raw_value))
+
+
+def test_a_number_with_16383_digits_after_the_point_is_kept_whole() -> None:
+    (change,) = http(push_of_value(b"0." + b"1" * 16383)).changes
+    assert change.fields[0].value == "0." + "1" * 16383
 
 
 def test_numbers_are_read_the_same_whatever_else_the_push_holds() -> None:
