@@ -117,6 +117,11 @@ class HttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
+    def send_400_response(self, msg: str) -> None:
+        # What httptools could not parse: answered as every other error is
+        # (PROTOCOL.md), not with uvicorn's plain text.
+        self._refuse(b"400 Bad Request", "malformed HTTP request")
+
     def _arm(self, seconds: float) -> None:
         self._disarm()
         self._timer = self.loop.call_later(seconds, self._too_slow)

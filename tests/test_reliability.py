@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import socket
 import struct
@@ -783,6 +784,27 @@ async def test_a_request_head_that_never_ends_is_refused_and_stalls_no_one(
             "/v1/sync/push", content=push_body([change("t", stamp(), n=1)]), headers=auth(user)
         )
         assert r.status_code == 200 and time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",  # a control byte
+        b"GET /health HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
+        b"NOT-A-METHOD\x00 / HTTP/1.1\r\n\r\n",
+    ],
+    ids=["control byte", "header without colon", "NUL in the method"],
+)
+async def test_a_malformed_request_gets_a_json_400(fuzz_hub: HubProcess, request_head: bytes):
+    host, port = host_port(fuzz_hub)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request_head)
+    answer = await asyncio.wait_for(reader.read(), 10)  # until the hub closes
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:80]
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "bad_request"
 
 
 async def test_a_request_head_trickled_a_byte_at_a_time_is_closed(fuzz_hub: HubProcess):
