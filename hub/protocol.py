@@ -506,7 +506,7 @@ def encode_cursor(cursor: Cursor) -> str:
 
 def decode_cursor(text: str | int | None) -> Cursor:
     """Parse a cursor (``0``, absent or empty: the beginning); ``bad_request`` when malformed."""
-    if text is None or text == "" or (isinstance(text, int) and text == 0):
+    if text is None or text == "" or (type(text) is int and text == 0):
         return Cursor(0)
     if isinstance(text, int) and not isinstance(text, bool) and 0 < text <= MAX_CURSOR_VERSION:
         return Cursor(text)

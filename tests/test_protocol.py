@@ -746,6 +746,9 @@ def b64(raw: bytes) -> str:
         pytest.param("5." + b64(orjson.dumps(["todos", "x" * 129])), id="position-id-too-long"),
         pytest.param(10**18, id="int-beyond-18-digits"),
         pytest.param(2**63, id="int-beyond-64-bits-signed"),
+        pytest.param(False, id="false"),
+        pytest.param(True, id="true"),
+        pytest.param(0.0, id="a float zero"),
     ],
 )
 def test_malformed_cursor_is_bad_request(text: Any) -> None:
