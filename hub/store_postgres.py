@@ -513,6 +513,9 @@ class PostgresStore:
         except CONNECTION_ERRORS as exc:
             log.warning("database unavailable: %s", type(exc).__name__)
             raise Unavailable("the database is unavailable; retry") from None
+        except asyncpg.QueryCanceledError:  # the server's statement_timeout
+            log.warning("database too slow: a statement was canceled")
+            raise Unavailable("the database did not answer in time; retry") from None
 
     async def ping(self) -> None:
         async with self._acquired() as con:
@@ -954,6 +957,9 @@ def _rejection(exc: asyncpg.PostgresError) -> HubError:
     """The answer to a push that failed on its own."""
     if isinstance(exc, asyncpg.DataError):
         return InvalidChange(f"the database refused a value: {exc.__class__.__name__}")
+    if isinstance(exc, asyncpg.QueryCanceledError):  # the server's statement_timeout
+        log.warning("database too slow: a push's statement was canceled")
+        return Unavailable("the database did not answer in time; retry")
     log.error("push failed in the database: %s: %s", type(exc).__name__, exc)
     return Internal("the push could not be stored")
 

@@ -509,3 +509,29 @@ async def test_a_big_purge_goes_in_bounded_transactions(
         assert (await store.pull(user, PullQuery(old_cursor, 10, None))).changes == ()
     finally:
         await store.close()
+
+
+async def test_a_statement_timeout_is_unavailable_not_internal(databases: Databases):
+    # With a statement_timeout set on the database's side, a pull or a push
+    # that waits past it (here on a lock held from outside) is a retry later
+    # (503 unavailable), not an internal error (500).
+    url, user = await databases.acreate(), new_user()
+    await (await PostgresStore.connect(url)).close()  # the schema
+    holder = await asyncpg.connect(url)
+    name = await holder.fetchval("SELECT current_database()")
+    await holder.execute(f'ALTER DATABASE "{name}" SET statement_timeout = 300')
+    store = await PostgresStore.connect(url, max_size=2)
+    try:
+        await commit_one(store, push(user, upsert("t1", a=(1, stamp(1)))))
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE hub_fields IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(HubError) as pulled:
+                await store.pull(user, PullQuery(Cursor(0), 100, None))
+            assert pulled.value.code == "unavailable" and pulled.value.status == 503
+            (pushed,) = await store.commit([push(user, upsert("t1", a=(2, stamp(2))))])
+            assert isinstance(pushed, HubError) and pushed.code == "unavailable", pushed
+        deltas, _, _ = await pull_all(store, user)  # the lock gone, all is well
+        assert replica_of(deltas)[("todos", "t1")][0]["a"] == (1, stamp(1))
+    finally:
+        await holder.close()
+        await store.close()
