@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import inspect
 import itertools
 import json
@@ -299,9 +300,16 @@ def _stored(record: RecordState) -> tuple[tuple[tuple[str, str], ...], str | Non
 
 
 def _visible(record: RecordState | None) -> tuple[dict[str, Any], bool]:
+    """A record's visible fields, with copies of its arrays and objects: what
+    the app reads is its own to change, and the replica (and the changes
+    queued for the hub, which share its values) change only by a write."""
     if record is None:
         return {}, True
-    return {n: f.value for n, f in record.visible().items()}, record.deleted
+    return {n: _own(f.value) for n, f in record.visible().items()}, record.deleted
+
+
+def _own(value: Any) -> Any:
+    return copy.deepcopy(value) if isinstance(value, (dict, list)) else value
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,6 +180,33 @@ async def test_two_clients_of_one_user_converge(shared_hub: HubProcess, tmp_path
         ]
 
 
+async def test_values_read_from_the_replica_are_the_apps_to_change(
+    shared_hub: HubProcess, tmp_path: Path
+) -> None:
+    # An app that edits a value it read, in place, changes its own copy: the
+    # replica, the queued change and what reaches the hub change only through
+    # upsert (a list appended to before it is written back, the usual way).
+    user = new_user()
+    async with client(shared_hub.url, user, "laptop", tmp_path) as laptop:
+        updates = laptop.changes()
+        await laptop.upsert("todos", "t1", tags=["a"], meta={"n": 1})
+        (update,) = [await anext(updates)]
+        update.fields["tags"].append("from the update")
+        laptop.records("todos")["t1"]["meta"]["n"] = 2
+        tags = laptop.get("todos", "t1")["tags"]
+        tags.append("b")
+        assert laptop.get("todos", "t1") == {"tags": ["a"], "meta": {"n": 1}}
+        await laptop.synced(WAIT_S)
+        await laptop.upsert("todos", "t1", tags=tags)
+        await laptop.synced(WAIT_S)
+        assert laptop.get("todos", "t1") == {"tags": ["a", "b"], "meta": {"n": 1}}
+        state = await server_state(shared_hub, user)
+        assert {n: v[0] for n, v in state[("todos", "t1")][0].items()} == {
+            "tags": ["a", "b"],
+            "meta": {"n": 1},
+        }
+
+
 async def test_offline_changes_survive_a_restart_and_are_pushed_once(
     shared_hub: HubProcess, tmp_path: Path
 ) -> None:
