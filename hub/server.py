@@ -99,6 +99,11 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._disarm()
+        # A head that came in one piece was never counted while it was open.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._refuse(b"431 Request Header Fields Too Large", "request headers too large")
+            raise _Refused  # stops the parser: the request never reaches the app
         super().on_headers_complete()
         upgrading = self.parser.should_upgrade() and self._should_upgrade()
         if not upgrading and self.cycle is not None and self.cycle.more_body:
@@ -120,7 +125,8 @@ class HttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # What httptools could not parse: answered as every other error is
         # (PROTOCOL.md), not with uvicorn's plain text.
-        self._refuse(b"400 Bad Request", "malformed HTTP request")
+        if not self._refused:  # (or a refusal of ours that stopped the parser)
+            self._refuse(b"400 Bad Request", "malformed HTTP request")
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -161,6 +167,10 @@ class HttpProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _Refused(Exception):
+    """Raised from a parser callback once the request was refused."""
 
 
 class HeartbeatProtocol(WebSocketsSansIOProtocol):
