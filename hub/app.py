@@ -121,6 +121,7 @@ class Hub:
         self._sampler: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
         self._rechecker: asyncio.Task[None] | None = None
+        self._gap_tasks: set[asyncio.Task[None]] = set()
 
     async def push(self, push: Push) -> PushResult:
         """A push from HTTP: through the user's coordinator, like a WebSocket push."""
@@ -131,6 +132,7 @@ class Hub:
 
     def start(self) -> None:
         self.committer.start()
+        self.broker.on_gap = self.gap
         self.broker.subscribe(CONTROL, self._control)
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
         self._retention = asyncio.get_running_loop().create_task(self._purge_periodically())
@@ -140,7 +142,7 @@ class Hub:
     async def stop(self) -> None:
         """Stop background work and let the committer finish, within an eighth of
         the shutdown bound (the drain had half of it already)."""
-        for task in (self._sampler, self._retention, self._rechecker):
+        for task in (self._sampler, self._retention, self._rechecker, *self._gap_tasks):
             if task is not None:
                 task.cancel()
         closing = asyncio.ensure_future(self.committer.close())
@@ -148,6 +150,28 @@ class Hub:
         if not closing.done():
             log.warning("the database did not finish the last commit in time")
             self.committer.abandon()
+
+    # -- gaps in the events -----------------------------------------------------------
+
+    def gap(self, users: list[str]) -> None:
+        """Events of these users may have been lost on their way here (the
+        broker was down, or subscribed late): tell their devices to pull."""
+        task = asyncio.get_running_loop().create_task(self._tell_of_gap(users))
+        self._gap_tasks.add(task)
+        task.add_done_callback(self._gap_tasks.discard)
+
+    async def _tell_of_gap(self, users: list[str]) -> None:
+        local = [u for u in users if self.coordinators.of_user(u)]
+        if not local:
+            return
+        try:
+            versions = await self.store.versions(local)
+        except Exception as exc:  # the database is down too: they pull when it is back
+            log.warning("could not tell devices of a gap in events: %s", type(exc).__name__)
+            return
+        for user, version in versions.items():  # (a user with no history missed nothing)
+            if version:
+                self.coordinators.notify(user, version)
 
     # -- revocations ----------------------------------------------------------------
 
@@ -383,9 +407,11 @@ def create_app(
             yield
         finally:
             await hub.stop()  # in-flight pushes commit before the pool closes
+            # A commit given up on may still end while the pool closes: the
+            # broker stays open until then, so its event goes out.
+            await store.close(timeout=settings.shutdown_timeout_s / 8)
             await presence.close()
             await broker.close()
-            await store.close(timeout=settings.shutdown_timeout_s / 8)
             log.info("shutdown complete")
 
     routes = [

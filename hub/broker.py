@@ -35,6 +35,10 @@ class Broker(Protocol):
     #: False when every subscriber lives in this process: the coordinators
     #: deliver locally already, so publishing would only make echoes.
     spans_processes: bool
+    #: Told of users whose subscription is live again after a gap (the
+    #: transport was down, or confirmed it late): events published meanwhile
+    #: did not arrive, and their devices are to be told to pull.
+    on_gap: Callable[[list[str]], None] | None
 
     async def start(self) -> None: ...
 

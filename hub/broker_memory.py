@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .broker import Handler
@@ -18,6 +19,7 @@ class MemoryBroker:
 
     kind = "memory"
     spans_processes = False
+    on_gap: Callable[[list[str]], None] | None = None  # it has no gaps
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}

@@ -196,6 +196,11 @@ class RedisBroker:
         self._subscribed: set[bytes] = set()  # SUBSCRIBE sent on this connection
         self._confirmed: set[bytes] = set()  # ... and answered, with no UNSUBSCRIBE since
         self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
+        # Confirmed on an earlier connection and wanted since: confirmed again,
+        # there was a gap (on_gap).
+        self._were_live: set[bytes] = set()
+        self._gaps: list[str] = []  # users told of at the end of this loop turn
+        self.on_gap: Callable[[list[str]], None] | None = None
         self._outbox: deque[bytes] = deque()  # packed PUBLISH commands not yet written
         self._flush_scheduled = False
         self._sync_scheduled = False
@@ -218,6 +223,7 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closing = True
+        self._flush()  # what was published last (the event of a late commit) goes out
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -339,6 +345,7 @@ class RedisBroker:
     def unsubscribe(self, user: str) -> None:
         ch = self._channel(user)
         if self._handlers.pop(ch, None) is not None:
+            self._were_live.discard(ch)
             for ready in self._waiting.pop(ch, []):
                 ready.cancel()
             self._schedule_sync()
@@ -381,6 +388,25 @@ class RedisBroker:
                 for ready in self._waiting.pop(ch, []):
                     if not ready.done():
                         ready.set_result(None)
+                if ch in self._were_live:
+                    self._gap(ch)
+                elif ch in self._handlers:
+                    self._were_live.add(ch)
+
+    def _gap(self, ch: bytes) -> None:
+        if self.on_gap is None or not ch.startswith(self._prefix.encode()):
+            return
+        if not self._gaps:
+            asyncio.get_running_loop().call_soon(self._tell_gaps)
+        self._gaps.append(ch[len(self._prefix) :].decode())
+
+    def _tell_gaps(self) -> None:
+        users, self._gaps = self._gaps, []
+        if self.on_gap is not None and users:
+            try:
+                self.on_gap(users)
+            except Exception:
+                log.exception("could not tell of a gap in the events")
 
     def _dispatch(self, ch: bytes, data: bytes) -> None:
         if ch == self._probe_channel:

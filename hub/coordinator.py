@@ -193,6 +193,14 @@ class Coordinators:
             del self.users[conn.user]
             self.broker.unsubscribe(conn.user)
 
+    def notify(self, user: str, version: int) -> None:
+        """Send every local connection of ``user`` a ``sync_available`` for
+        ``version`` (of any collection): after a gap, when events may be lost."""
+        coordinator = self.users.get(user)
+        if coordinator is not None:
+            event = Event(self.process_id, None, version, (), None, time.time())
+            self._count(event, coordinator.deliver(event))
+
     def of_user(self, user: str) -> list[Receiver]:
         coordinator = self.users.get(user)
         return list(coordinator.connections.values()) if coordinator else []

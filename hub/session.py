@@ -15,6 +15,7 @@ its queue dropped, while everyone else goes on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -254,6 +255,10 @@ class Session:
         try:
             if not ready.done():  # not cancelled by the wait, nor raising if it was
                 await asyncio.wait([ready], timeout=SUBSCRIBE_WAIT_S)
+            if not ready.done():
+                # Welcomed before the subscription is live: what is published
+                # until it is may not arrive, so once it is, a pull is due.
+                ready.add_done_callback(functools.partial(_gap_once_live, hub, self.user))
             # Read now that revocations find this connection: one committed
             # since the checks above passed it by.
             version, revoked = await hub.store.admission(self.user, device, principal.key_id)
@@ -566,6 +571,11 @@ def _check_can_listen(principal: Principal) -> None:
         raise TokenExpired("the token has expired")
     if not principal.can("read"):
         raise Forbidden("this credential cannot receive events")
+
+
+def _gap_once_live(hub: Hub, user: str, ready: asyncio.Future[None]) -> None:
+    if not ready.cancelled():  # (cancelled: the user left this process meanwhile)
+        hub.gap([user])
 
 
 class Disconnected(Exception):

@@ -39,6 +39,10 @@ class Store(Protocol):
         when the connection's device or API key is revoked."""
         ...
 
+    async def versions(self, users: Sequence[str]) -> dict[str, int]:
+        """The version of each of ``users`` that has a history."""
+        ...
+
     async def status(self, user: str) -> dict[str, Any]:
         """PROTOCOL.md's ``/v1/sync/status`` body."""
         ...

@@ -266,6 +266,8 @@ SELECT (SELECT version FROM hub_users WHERE user_id = $1),
 """
 
 # Which of these connections' devices and keys are revoked.
+VERSIONS = "SELECT user_id, version FROM hub_users WHERE user_id = ANY($1::text[])"
+
 REVOKED_AMONG = """
 SELECT 'device', d.user_id, d.device
 FROM unnest($1::text[], $2::text[]) AS c(user_id, device)
@@ -620,6 +622,12 @@ class PostgresStore:
         assert row is not None
         revoked = "device" if row[1] else "key" if row[2] else None
         return int(row[0] or 0), revoked
+
+    async def versions(self, users: Sequence[str]) -> dict[str, int]:
+        """The version of each of ``users`` that has a history, in one round trip."""
+        async with self._connection() as con:
+            rows = await con.fetch(VERSIONS, list(users))
+        return {r[0]: int(r[1]) for r in rows}
 
     async def revoked_among(
         self, devices: Sequence[tuple[str, str]], keys: Sequence[str]

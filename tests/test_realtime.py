@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -826,3 +827,79 @@ async def test_messages_that_are_not_messages_count_against_the_rate(hub_factory
         )
     d.writer.write(b"".join(frames))
     assert await d.close_code(timeout=10) == 4008
+
+
+async def test_devices_hear_of_what_their_process_missed_while_off_redis(hub_factory, redis_url):
+    # Hub A loses Redis while hub B commits a push: its event cannot reach A's
+    # device, and nothing later may reveal the gap (no next push). Once A is
+    # subscribed again, its devices get sync_available with the user's
+    # version, and pull.
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(redis_url) as proxy:
+        hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        user = new_user()
+        phone = await connect(hub_a, user, "phone")
+        ack = (await http_push(hub_b, user, [change("t1", stamp(), x=1)])).json()
+        assert (await phone.expect("change"))["version"] == ack["version"]
+        proxy.cut(refuse=True)
+        await wait_for(lambda: '"msg":"broker connection lost"' in hub_a.logs(), timeout=10)
+        missed = (await http_push(hub_b, user, [change("t2", stamp(), x=2)])).json()
+        proxy.cut(refuse=False)  # Redis is reachable again
+        notice = await phone.expect("sync_available", timeout=20)
+        assert notice["version"] == missed["version"] and notice["collections"] == []
+        await phone.close()
+
+
+async def test_a_push_that_commits_during_shutdown_still_reaches_the_other_processes(
+    hub_factory, redis_url, database_url
+):
+    # The user's version row is locked from outside, so hub A's commit waits;
+    # on SIGTERM A gives up waiting and answers the push `unavailable`. The
+    # commit then ends well while A is still closing: its event must reach
+    # the device on hub B (the pusher's retry will be a replay, with no event).
+    env = {"HUB_REDIS_URL": redis_url, "HUB_SHUTDOWN_TIMEOUT_S": "4"}
+    hub_a = await asyncio.to_thread(hub_factory, env)
+    hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+    user = new_user()
+    first = (await http_push(hub_a, user, [change("t0", stamp(), x=0)])).json()
+    phone = await connect(hub_b, user, "phone")
+    laptop = await connect(hub_a, user, "laptop")
+    holder = await asyncpg.connect(database_url)
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM hub_users WHERE user_id = $1 FOR UPDATE", user)
+        await laptop.send({"type": "push", "id": "late", "changes": [change("t1", stamp(), x=1)]})
+        await asyncio.sleep(0.3)  # the commit waits on the lock
+        hub_a.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: "did not finish the last commit in time" in hub_a.logs(), 10)
+        await lock.rollback()  # the commit goes through now
+    finally:
+        await holder.close()
+    event = await phone.expect("change", timeout=10)
+    assert event["version"] == first["version"] + 1
+    await asyncio.to_thread(hub_a.proc.wait, 10)
+    await phone.close()
+
+
+async def test_a_device_welcomed_before_its_subscription_is_live_is_told_to_pull(
+    hub_factory, redis_url
+):
+    # Hub A's commands reach Redis 3 s late, past the 2 s a connection waits
+    # for its user's subscription: it is welcomed all the same, and a push on
+    # hub B right then is published before A listens. Once A's subscription
+    # is live, the device gets sync_available with the user's version.
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(redis_url) as proxy:
+        hub_a = await asyncio.to_thread(hub_factory, {"HUB_REDIS_URL": proxy.url(redis_url)})
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        user = new_user()
+        proxy.delay_s = 3.0
+        phone = await connect(hub_a, user, "phone")
+        missed = (await http_push(hub_b, user, [change("t1", stamp(), x=1)])).json()
+        notice = await phone.expect("sync_available", timeout=15)
+        assert notice["version"] == missed["version"]
+        await phone.close()
