@@ -565,7 +565,9 @@ class Relay:
       kept in ``held`` until :meth:`release`;
     - ``after_welcome``: messages sent to the page right after a welcome;
     - ``max_changes``: pushes of more changes are answered payload_too_large,
-      as a hub set to take fewer changes per push answers them.
+      as a hub set to take fewer changes per push answers them;
+    - ``silent_connections``: that many connections are taken and never
+      answered, as by a hung hub or proxy.
     """
 
     def __init__(self) -> None:
@@ -577,8 +579,13 @@ class Relay:
         self.pulls: dict[str, Any] = {}  # pull id -> since
         self.max_changes: int | None = None
         self.refused_pushes = 0
+        self.silent_connections = 0  # taken, and never answered (a hung hub)
 
     def __call__(self, ws: WebSocketRoute) -> None:
+        if self.silent_connections > 0:
+            self.silent_connections -= 1
+            ws.on_message(lambda _: None)
+            return
         if self.refuse_connections > 0:
             self.refuse_connections -= 1
             ws.on_message(
@@ -940,9 +947,9 @@ def test_repeated_1013_before_a_welcome_backs_off(devices: Devices) -> None:
 
 
 def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
-    """A replica opened with another user's token refuses the connection before
-    anything that follows the welcome is merged, even when its IndexedDB is slow
-    to say whose it is."""
+    """A replica (A's) whose token function hands out another user's token (B's)
+    refuses the connection before anything that follows the welcome is merged,
+    even when its IndexedDB is slow."""
     hub = devices.hub
     user_a, user_b = new_user(), new_user()
     relay = Relay()
@@ -988,7 +995,7 @@ def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
 
     relay.after_welcome = event_of_b
     result = page.evaluate(
-        """async (token) => {
+        """async ({token, user}) => {
             const until = (test, what) => new Promise((resolve, reject) => {
                 const started = Date.now();
                 const poll = () => {
@@ -1007,7 +1014,12 @@ def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
                     this.addEventListener('message', () => { window.received += 1; });
                 }
             };
-            // A slow IndexedDB: the replica's meta store stays busy until released.
+            const m = await import('/client/hub.js');
+            const client = new m.HubClient({device: 'd1', dbName: 'shared', token, user});
+            const errors = [];
+            client.on('error', (e) => errors.push(e.code));
+            await client.start();
+            // A slow IndexedDB from now: the replica's meta store stays busy until released.
             const db = await new Promise((resolve, reject) => {
                 const open = indexedDB.open('shared', 1);
                 open.onsuccess = () => resolve(open.result);
@@ -1018,14 +1030,8 @@ def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
             const spin = () => { if (busy) tx.objectStore('meta').get('user').onsuccess = spin; };
             spin();
             const freed = new Promise((resolve) => { tx.oncomplete = resolve; });
-
-            const m = await import('/client/hub.js');
-            const client = new m.HubClient({device: 'd1', dbName: 'shared', token});
-            const errors = [];
-            client.on('error', (e) => errors.push(e.code));
-            await client.start();
-            await until(() => window.received >= 2, 'the welcome and the event');
-            await new Promise((resolve) => setTimeout(resolve, 0)); // both handed to the client
+            await until(() => window.received >= 1, 'the welcome');
+            await new Promise((resolve) => setTimeout(resolve, 50)); // and the event, if it came
             busy = false;
             await freed;
             db.close();
@@ -1034,7 +1040,7 @@ def test_another_users_events_never_reach_a_replica(devices: Devices) -> None:
             client.close();
             return {errors, ids};
         }""",
-        hub.token(user_b),
+        {"token": hub.token(user_b), "user": user_a},
     )
     assert result == {"errors": ["wrong_user"], "ids": ["a1"]}, result
 
@@ -1073,3 +1079,93 @@ def test_short_lived_tokens_are_not_refreshed_over_and_over(devices: Devices) ->
     page.wait_for_timeout(2000)  # what answering every warning would make of it meanwhile
     assert len(calls) == 2, len(calls)
     page.evaluate("() => window.client.close()")
+
+
+def test_a_replica_is_its_users_alone(devices: Devices) -> None:
+    """Two users on one browser and device id: the replica of each is their
+    own, by default, from the first write on. Edits Alice made offline, on a
+    replica that never connected, are neither shown to Bob nor pushed as his;
+    a replica named by the app and shared by both is refused to the second."""
+    hub = devices.hub
+    alice, bob = new_user(), new_user()
+    context = devices.new()
+    page = devices.open(context, None)
+    page.evaluate("async () => { window.m = await import('/client/hub.js'); }")
+    context.set_offline(True)
+    page.evaluate(
+        """async (token) => {
+            const client = new window.m.HubClient({device: 'd1', token});
+            await client.start();
+            await client.upsert('todos', 'a1', {title: "Alice's, offline"});
+            client.close();
+        }""",
+        hub.token(alice),
+    )
+    context.set_offline(False)
+    result = page.evaluate(
+        """async ({bobToken, aliceToken}) => {
+            const m = await import('/client/hub.js');
+            const synced = (client) => new Promise((resolve) => {
+                const check = (s) => { if (s.state === 'online' && s.pending === 0) resolve(); };
+                client.on('status', check);
+                check(client.status);
+            });
+            const bob = new m.HubClient({device: 'd1', token: bobToken});
+            await bob.start();
+            const bobSees = (await bob.list('todos')).map((r) => r.id);
+            await bob.upsert('todos', 'b1', {title: "Bob's"});
+            await synced(bob);
+            bob.close();
+            const alice = new m.HubClient({device: 'd1', token: aliceToken});
+            await alice.start();
+            const aliceSees = (await alice.list('todos')).map((r) => r.id);
+            await synced(alice);
+            alice.close();
+            // A database the app names, shared: the second user is refused.
+            const first = new m.HubClient({device: 'd2', dbName: 'app-db', token: aliceToken});
+            await first.start();
+            first.close();
+            const second = new m.HubClient({device: 'd2', dbName: 'app-db', token: bobToken});
+            let refused = null;
+            try {
+                await second.start();
+            } catch (err) {
+                refused = err.code;
+            }
+            return {bobSees, aliceSees, refused, state: second.status.state};
+        }""",
+        {"bobToken": hub.token(bob), "aliceToken": hub.token(alice)},
+    )
+    assert result == {
+        "bobSees": [],
+        "aliceSees": ["a1"],
+        "refused": "wrong_user",
+        "state": "forbidden",
+    }, result
+    assert [d["id"] for d in hub.pull_all(alice)] == ["a1"]
+    assert [d["id"] for d in hub.pull_all(bob)] == ["b1"]
+
+
+def test_a_connection_never_welcomed_is_given_up_and_tried_again(devices: Devices) -> None:
+    """A hub (or proxy) that takes the WebSocket and never answers: after 15 s
+    the client drops it, says so, and connects again."""
+    relay = Relay()
+    relay.silent_connections = 1
+    page = devices.open(devices.new(), None, relay)
+    closes = page.evaluate(
+        """async (token) => {
+            const m = await import('/client/hub.js');
+            const client = new m.HubClient({device: 'd1', token});
+            const closes = [];
+            client.on('disconnect', (d) => closes.push([d.code, d.reason]));
+            await client.start();
+            await new Promise((resolve) => client.on('status', (s) => {
+                if (s.state === 'online') resolve();
+            }));
+            client.close();
+            return closes;
+        }""",
+        devices.hub.token(new_user()),
+    )
+    assert closes == [[4000, "no welcome from the hub"]], closes
+    assert relay.silent_connections == 0

@@ -168,6 +168,54 @@ function req(request) {
   });
 }
 
+function validUser(user) {
+  return typeof user === "string" && user.length >= 1 && user.length <= 128 && !user.includes("\0");
+}
+
+/** A JWT's claims, read without checking them (the hub does); null when it is no JWT. */
+function jwtClaims(token) {
+  const parts = typeof token === "string" ? token.split(".") : [];
+  if (parts.length !== 3) return null;
+  try {
+    const body = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = new TextDecoder().decode(Uint8Array.from(atob(body), (c) => c.charCodeAt(0)));
+    const claims = JSON.parse(json);
+    return claims && typeof claims === "object" ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
+function jwtSubject(token) {
+  const sub = jwtClaims(token)?.sub;
+  return typeof sub === "string" ? sub : null;
+}
+
+function jwtExpiry(token) {
+  const exp = jwtClaims(token)?.exp;
+  return typeof exp === "number" ? exp : null;
+}
+
+/**
+ * The replica's database: one per user and device ("hub:<device>:<user>", the
+ * user URI-encoded, so no two pairs share a name). A replica made before users
+ * were in the name ("hub:<device>") is kept when it is this user's.
+ */
+async function defaultDbName(user, device) {
+  const legacy = `hub:${device}`;
+  const known = (await indexedDB.databases?.()) || [];
+  if (known.some((d) => d.name === legacy)) {
+    const db = await openDatabase(legacy);
+    try {
+      const owner = await transact(db, [META], "readonly", (tx) => req(tx.objectStore(META).get("user")));
+      if (owner === user) return legacy;
+    } finally {
+      db.close();
+    }
+  }
+  return `hub:${device}:${encodeURIComponent(user)}`;
+}
+
 function openDatabase(name) {
   return new Promise((resolve, reject) => {
     const open = indexedDB.open(name, 1);
@@ -223,6 +271,10 @@ const GAP_WAIT_MS = 150;
 // The hub warns of a token's expiry a minute ahead, at once for a token that
 // lives less: one refresh per such interval at most, not one per warning.
 const REFRESH_MIN_INTERVAL_MS = 15_000;
+// A cached token that expires sooner than this is fetched again before a connect.
+const TOKEN_MARGIN_MS = 60_000;
+// A connection not welcomed within this long is given up on (a hung hub or proxy).
+const WELCOME_TIMEOUT_MS = 15_000;
 // Errors after which the same request may succeed later (pushes and pulls).
 const RETRYABLE = Object.freeze(["rate_limited", "unavailable", "internal"]);
 
@@ -266,7 +318,9 @@ export class HubClient extends EventTarget {
    * @param {string} [options.url]          the hub's base URL (default: this page's origin)
    * @param {string} [options.deviceName]   shown in GET /v1/devices
    * @param {string} [options.platform]     shown in GET /v1/devices
-   * @param {string} [options.dbName]       IndexedDB database (default "hub:" + device)
+   * @param {string} [options.user]         whose replica this is (default: the token's `sub`);
+   *                                        give it to open the replica offline with a token function
+   * @param {string} [options.dbName]       IndexedDB database (default "hub:" + device + ":" + user)
    * @param {boolean} [options.tabs]        share one connection among tabs (default true)
    */
   constructor(options) {
@@ -275,9 +329,12 @@ export class HubClient extends EventTarget {
       throw new TypeError("device must be 1..64 characters of [A-Za-z0-9_.:-]");
     }
     if (!options.token) throw new TypeError("token (a string or a function) is required");
+    if (options.user !== undefined && !validUser(options.user)) {
+      throw new TypeError("user must be 1..128 characters");
+    }
     this.device = options.device;
     this.url = (options.url || globalThis.location.origin).replace(/\/+$/, "");
-    this.dbName = options.dbName || `hub:${this.device}`;
+    this.dbName = options.dbName || null; // by default named after the user, known at start()
     this._tokenSource = options.token;
     this._deviceName = options.deviceName;
     this._platform = options.platform;
@@ -288,7 +345,7 @@ export class HubClient extends EventTarget {
     this.pending = 0;
     this.leader = false;
     this.version = null; // the last version known complete here (leader only)
-    this.user = null;
+    this.user = options.user ?? null; // whose replica this is
     this.lastError = null;
 
     this._closed = false;
@@ -324,8 +381,17 @@ export class HubClient extends EventTarget {
 
   /** Open the replica, join the device's tabs, and connect (or follow the tab that does). */
   async start() {
+    // Whose replica: known before anything of it is read or written, so that
+    // one user's data is never shown to, or pushed as, another's.
+    this.user ??= await this._tokenUser();
+    this.dbName ??= await defaultDbName(this.user, this.device);
     this.db = await openDatabase(this.dbName);
-    this.db.onversionchange = () => this.db.close();
+    this.db.onversionchange = () => {
+      // Deleted or upgraded by another tab: this one lets go (the lock, the socket).
+      this._fail("replica_closed", "another tab deleted or upgraded this replica");
+      this.close();
+    };
+    await this._claimReplica();
     await this._refreshPending();
     if (this._shareTabs && typeof BroadcastChannel !== "undefined") {
       this._channel = new BroadcastChannel(`hub:${this.dbName}`);
@@ -457,6 +523,8 @@ export class HubClient extends EventTarget {
     this._stopHeartbeat();
     for (const timer of this._inFlight.values()) clearTimeout(timer);
     this._inFlight.clear();
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     if (this._ws) {
       try {
         this._ws.close(1000, "client closed");
@@ -465,6 +533,11 @@ export class HubClient extends EventTarget {
       }
       this._ws = null;
     }
+    this._ready = false;
+    for (const { reject } of this._requests.values()) {
+      reject(Object.assign(new Error("the client is closed"), { code: "closed" }));
+    }
+    this._requests.clear();
     globalThis.removeEventListener?.("online", this._onOnline);
     globalThis.removeEventListener?.("offline", this._onOffline);
     this._lockAbort?.abort();
@@ -546,9 +619,51 @@ export class HubClient extends EventTarget {
     this._connect();
   }
 
+  /** The token's `sub`: the user whose replica to open when none was given. */
+  async _tokenUser() {
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (err) {
+      throw new Error(
+        `could not get a token to tell whose replica to open (give options.user): ${err.message || err}`,
+      );
+    }
+    const user = jwtSubject(token);
+    if (!validUser(user)) {
+      throw new TypeError("options.user is required: the token is not a JWT with a 'sub'");
+    }
+    return user;
+  }
+
+  /** Mark the replica as this user's, or refuse it when it is another's. */
+  async _claimReplica() {
+    const owner = await transact(this.db, [META], "readwrite", async (tx) => {
+      const meta = tx.objectStore(META);
+      const stored = await req(meta.get("user"));
+      if (!stored) meta.put(this.user, "user");
+      return stored || this.user;
+    });
+    if (owner !== this.user) {
+      this.db.close();
+      this.db = null;
+      this._setState("forbidden");
+      this._closed = true;
+      const error = new Error(`this replica belongs to ${owner}, not to ${this.user}`);
+      error.code = "wrong_user";
+      throw error;
+    }
+  }
+
   // -- the connection (leader only) -----------------------------------------------------
 
   async _getToken() {
+    // A cached token about to expire (after a long sleep, say) is not used again.
+    const expires = jwtExpiry(this._token);
+    if (this._token && typeof this._tokenSource === "function" && expires !== null
+        && expires * 1000 - Date.now() < TOKEN_MARGIN_MS) {
+      this._token = null;
+    }
     if (this._token) return this._token;
     const source = this._tokenSource;
     this._token = typeof source === "function" ? await source() : source;
@@ -577,6 +692,12 @@ export class HubClient extends EventTarget {
     const ws = new WebSocket(this.url.replace(/^http/, "ws") + "/v1/ws");
     this._ws = ws;
     this._ready = false;
+    // A hub (or a proxy) that takes the connection and never welcomes it:
+    // given up on, and tried again with backoff like any failed connect.
+    const welcomeTimer = setTimeout(() => {
+      if (ws === this._ws && !this._ready) this._closeSocket(4000, "no welcome from the hub");
+    }, WELCOME_TIMEOUT_MS);
+    ws.addEventListener("close", () => clearTimeout(welcomeTimer));
     // Messages are handled one after another, in the order they came: the
     // welcome's checks (is this replica the token's user's?) finish before any
     // event that follows it is looked at, and events are merged in order.
@@ -654,21 +775,13 @@ export class HubClient extends EventTarget {
   }
 
   async _welcome(message) {
-    const stored = await transact(this.db, [META], "readonly", (tx) =>
-      req(tx.objectStore(META).get("user")),
-    );
-    if (stored && stored !== message.user) {
-      this._fail("wrong_user", `this replica belongs to ${stored}, the token to ${message.user}`);
+    if (message.user !== this.user) {
+      // The token (a token function's newest) is another user's.
+      this._fail("wrong_user", `this replica belongs to ${this.user}, the token to ${message.user}`);
       this._setState("forbidden");
       this._closeSocket(1000, "wrong user");
       return;
     }
-    if (!stored) {
-      await transact(this.db, [META], "readwrite", async (tx) => {
-        tx.objectStore(META).put(message.user, "user");
-      });
-    }
-    this.user = message.user;
     this._ready = true;
     this._heartbeatMs = (message.heartbeat_s || 30) * 1000;
     this._startHeartbeat();
@@ -1283,6 +1396,9 @@ export class HubClient extends EventTarget {
   }
 
   _emit(type, detail) {
+    // Once closed, only the closing itself is told (work still under way
+    // when close() came may fail, and is nobody's concern).
+    if (this._closed && !(type === "status" && detail.state === "closed")) return;
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 }
