@@ -65,6 +65,11 @@ def _port(text: str) -> int:
     return value
 
 
+# The longest duration: PostgreSQL's timestamps end at 294276 AD, so "now minus
+# HUB_TOMBSTONE_RETENTION" must stay far inside them; no timeout needs more.
+MAX_DURATION_S = 100 * 365 * 86400.0
+
+
 def _seconds(text: str) -> float:
     """A duration: plain seconds, or with a unit suffix s, m, h, d."""
     text = text.strip().lower()
@@ -73,9 +78,14 @@ def _seconds(text: str) -> float:
     if text and text[-1] in units:
         scale = units[text[-1]]
         text = text[:-1]
-    value = float(text) * scale
+    try:
+        value = float(text) * scale
+    except ValueError:  # float's own message would quote the text without its unit
+        raise ValueError("want seconds, or a number with a unit s, m, h or d") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError("must be a positive, finite duration")
+    if value > MAX_DURATION_S:
+        raise ValueError("must be at most 100 years (36500d)")
     return value
 
 

@@ -85,6 +85,7 @@ def test_unrelated_and_empty_variables_leave_defaults() -> None:
         ("HUB_TOMBSTONE_RETENTION", "7d", "tombstone_retention", 7 * 86400.0),
         ("HUB_TOMBSTONE_RETENTION", "12h", "tombstone_retention", 12 * 3600.0),
         ("HUB_TOMBSTONE_RETENTION", "1.5D", "tombstone_retention", 1.5 * 86400.0),
+        ("HUB_TOMBSTONE_RETENTION", "36500d", "tombstone_retention", 36500 * 86400.0),
         ("HUB_SHUTDOWN_TIMEOUT_S", "3", "shutdown_timeout_s", 3.0),
         ("HUB_LOG_FORMAT", "text", "log_format", "text"),
         ("HUB_LOG_LEVEL", "debug", "log_level", "debug"),
@@ -123,6 +124,9 @@ def vars_of(s: Settings) -> dict[str, Any]:
         ("HUB_HEARTBEAT_S", "m"),
         ("HUB_HEARTBEAT_S", "5w"),
         ("HUB_TOMBSTONE_RETENTION", "-1d"),
+        ("HUB_TOMBSTONE_RETENTION", "99999999d"),
+        ("HUB_TOMBSTONE_RETENTION", "36501d"),
+        ("HUB_DB_TIMEOUT_S", "1e300"),
         ("HUB_SHUTDOWN_TIMEOUT_S", "0s"),
         ("HUB_LOG_FORMAT", "xml"),
         ("HUB_LOG_FORMAT", "JSON"),
@@ -142,6 +146,15 @@ def test_bad_value_names_the_variable(variable: str, raw: str) -> None:
     message = str(info.value)
     assert message.startswith(variable + "=")
     assert repr(raw) in message
+
+
+@pytest.mark.parametrize(("raw", "unit"), [("bad", "d"), ("5w", "w"), ("soon", "")])
+def test_a_bad_duration_is_quoted_whole(raw: str, unit: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"HUB_HEARTBEAT_S": raw})
+    # Only the value as given: never a piece of it (as 'ba' of 'bad').
+    assert str(info.value).count("'") == 2, str(info.value)
+    assert "want seconds, or a number with a unit s, m, h or d" in str(info.value)
 
 
 def test_first_bad_variable_stops_loading_even_with_good_ones_around() -> None:

@@ -25,6 +25,7 @@ from support import (
     wait_for,
 )
 
+from hub.config import MAX_DURATION_S
 from hub.errors import ResetRequired
 from hub.protocol import PullQuery
 from hub.types import Cursor
@@ -74,6 +75,13 @@ async def test_tombstones_within_the_retention_stay(store, user):
     await store.purge(retention_s=3600)
     page = await store.pull(user, PullQuery(Cursor(1), 10, None))
     assert [(d.record_id, d.deleted) for d in page.changes] == [("a", True)]
+
+
+async def test_the_longest_retention_setting_is_within_postgresql_range(store, user):
+    await commit_one(store, push(user, upsert("a", x=(1, old_stamp(1)))))
+    await commit_one(store, push(user, delete("a", old_stamp(2))))
+    assert (await store.purge(retention_s=MAX_DURATION_S, dry_run=True))["tombstones"] == 0
+    assert (await store.purge(retention_s=MAX_DURATION_S))["tombstones"] == 0
 
 
 def run_cli(args: list[str], database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
