@@ -44,6 +44,32 @@ def _list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    """Origins as browsers send them: compared as exact strings on WebSockets,
+    so a wildcard, a path or a trailing slash would never match there."""
+    origins = _list(text)
+    for origin in origins:
+        parts = urlsplit(origin)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not port_ok
+            or "@" in parts.netloc
+            or "*" in origin
+            or origin != f"{parts.scheme}://{parts.netloc}"
+            or origin != origin.lower()
+        ):
+            raise ValueError(
+                f"{origin!r} is not an origin: want scheme://host[:port], http or https, "
+                "lowercase, with no path (not even '/'), query or wildcard"
+            )
+    return origins
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -139,7 +165,10 @@ class Settings:
     )
     allowed_origins: tuple[str, ...] = field(
         default=("http://127.0.0.1:8080", "http://localhost:8080"),
-        metadata={"cast": _list, "help": "comma-separated browser origins allowed"},
+        metadata={
+            "cast": _origins,
+            "help": "comma-separated browser origins allowed, each scheme://host[:port]",
+        },
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8080, metadata={"cast": _port, "help": "port (0: any free)"})
@@ -274,6 +303,7 @@ def _metavar(f: dataclasses.Field[Any]) -> str:
         _seconds: "DURATION",
         _positive_float: "NUMBER",
         _list: "LIST",
+        _origins: "LIST",
         _log_format: "json|text",
         _log_level: "LEVEL",
     }

@@ -157,6 +157,40 @@ def test_a_bad_duration_is_quoted_whole(raw: str, unit: str) -> None:
     assert "want seconds, or a number with a unit s, m, h or d" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "*",
+        "https://app.example.com/",
+        "https://app.example.com/app",
+        "https://app.example.com?x=1",
+        "https://app.example.com#top",
+        "https://*.example.com",
+        "https://user@app.example.com",
+        "https://App.example.com",
+        "app.example.com",
+        "ftp://app.example.com",
+        "https://",
+        "https://app.example.com:0",
+        "https://app.example.com:99999",
+        "https://a.example,*",
+    ],
+)
+def test_allowed_origins_are_exact_origins(raw: str) -> None:
+    # WebSocket upgrades compare the Origin header as a string, HTTP CORS
+    # reads '*' as a wildcard: anything but scheme://host[:port] would make
+    # them disagree, or never match.
+    with pytest.raises(ConfigError) as info:
+        load({"HUB_ALLOWED_ORIGINS": raw})
+    assert str(info.value).startswith("HUB_ALLOWED_ORIGINS=")
+    assert "scheme://host[:port]" in str(info.value)
+
+
+def test_allowed_origins_take_ports_and_addresses() -> None:
+    raw = "https://app.example.com:8443,http://127.0.0.1:3000,http://[::1]:8080,http://localhost"
+    assert load({"HUB_ALLOWED_ORIGINS": raw}).allowed_origins == tuple(raw.split(","))
+
+
 def test_first_bad_variable_stops_loading_even_with_good_ones_around() -> None:
     with pytest.raises(ConfigError, match="HUB_WORKERS"):
         load({"HUB_PORT": "9000", "HUB_WORKERS": "many", "HUB_LOG_FORMAT": "text"})
