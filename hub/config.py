@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from .protocol import Limits
 
@@ -357,7 +357,15 @@ def _check_urls(settings: Settings) -> None:
             port_ok = "," in parts.netloc or parts.port is None or parts.port > 0
         except ValueError:
             port_ok = False
-        if parts.scheme not in schemes or not port_ok:
+        # Without a host the drivers would quietly use local defaults. A Unix
+        # socket is the host given another way: PostgreSQL's ?host=/dir, redis's unix://.
+        host_ok = (
+            bool(parts.hostname)
+            or "," in parts.netloc
+            or (parts.scheme == "unix" and bool(parts.path))
+            or (schemes[0] == "postgresql" and bool(parse_qs(parts.query).get("host")))
+        )
+        if parts.scheme not in schemes or not port_ok or not host_ok:
             raise ConfigError(
                 f"{name} is not a URL of the form {schemes[0]}://[user[:password]@]host[:port]/..."
             )
