@@ -196,13 +196,22 @@ def run_one(
     return 0
 
 
+class CommandError(Exception):
+    """A maintenance command cannot go on; the message is for the operator."""
+
+
 def retention(args: argparse.Namespace) -> int:
     """Purge tombstones past HUB_TOMBSTONE_RETENTION and expired receipts now."""
-    return with_store(
-        lambda store, settings: store.purge(
-            retention_s=settings.tombstone_retention, dry_run=args.dry_run
-        )
-    )
+
+    async def purge(store: PostgresStore, settings: config.Settings) -> dict[str, Any]:
+        if args.dry_run and not await store.has_schema():
+            raise CommandError(
+                "HUB_DATABASE_URL: this database has no hub tables (hub serve creates them); "
+                "nothing to purge"
+            )
+        return await store.purge(retention_s=settings.tombstone_retention, dry_run=args.dry_run)
+
+    return with_store(purge, apply_schema=not args.dry_run)
 
 
 def resync_all(args: argparse.Namespace) -> int:
@@ -219,22 +228,20 @@ async def _users(count: Awaitable[int]) -> dict[str, object]:
 
 def with_store(
     action: Callable[[PostgresStore, config.Settings], Awaitable[dict[str, Any]]],
+    *,
+    apply_schema: bool = True,
 ) -> int:
-    """Run ``action`` on the store of HUB_DATABASE_URL (or the embedded one); print its JSON."""
+    """Run ``action`` on the store of HUB_DATABASE_URL; print its JSON. Never on
+    an embedded PostgreSQL: that would be a database of its own, not the hub's."""
     try:
         settings = config.load(os.environ)
     except config.ConfigError as exc:
         print(f"hub: {exc}", file=sys.stderr)
         return 2
     database_url = settings.database_url
-    keep = []
     if database_url is None:
-        try:
-            database_url, handle = start_postgres(settings.data_dir)
-        except EmbeddedError as exc:
-            print(f"hub: {exc}", file=sys.stderr)
-            return 2
-        keep.append(handle)
+        print("hub: HUB_DATABASE_URL is not set: name the hub's database", file=sys.stderr)
+        return 2
     problem = asyncio.run(check_database(database_url, settings.db_timeout_s))
     if problem is not None:
         print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
@@ -242,13 +249,18 @@ def with_store(
 
     async def run() -> dict[str, Any]:
         assert database_url is not None
-        store = await PostgresStore.connect(database_url, max_size=1)
+        store = await PostgresStore.connect(database_url, max_size=1, apply_schema=apply_schema)
         try:
             return await action(store, settings)
         finally:
             await store.close()
 
-    print(orjson.dumps(asyncio.run(run())).decode())
+    try:
+        report = asyncio.run(run())
+    except CommandError as exc:
+        print(f"hub: {exc}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(report).decode())
     return 0
 
 
@@ -293,7 +305,8 @@ def parser() -> argparse.ArgumentParser:
         description="Purge now what the hub's retention job purges every "
         "HUB_RETENTION_INTERVAL_S: tombstones older than HUB_TOMBSTONE_RETENTION (devices "
         "with older cursors then get 410 reset_required) and idempotency receipts older "
-        "than 24 h. Prints what went, as JSON.",
+        "than 24 h. Prints what went, as JSON. Works on HUB_DATABASE_URL, which must be "
+        "set; --dry-run changes nothing there, not even the schema.",
     )
     retention_p.add_argument("--dry-run", action="store_true", help="only count what would go")
     retention_p.set_defaults(run=retention)
@@ -302,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
         help="after restoring a backup: make every device resync from 0",
         description="Raise every user's horizon past its version, so that every cursor "
         "made until now gets 410 reset_required and its device pulls again from 0. Run "
-        "it after restoring the database from a backup, before the hubs serve again.",
+        "it after restoring the database from a backup, before the hubs serve again. "
+        "Works on HUB_DATABASE_URL, which must be set.",
     )
     resync_p.add_argument("--yes", action="store_true", help="really do it")
     resync_p.set_defaults(run=resync_all)

@@ -50,7 +50,7 @@ from .merge import FieldState, RecordState, apply_delete, apply_upsert
 from .protocol import PullQuery
 from .types import ApiKeyRecord, Change, Cursor, Delta, FieldWrite, PullPage, Push, PushResult
 
-__all__ = ["PostgresStore", "check_database", "read_schema"]
+__all__ = ["DATABASE_ERRORS", "PostgresStore", "check_database", "read_schema"]
 
 log = logging.getLogger("hub.store")
 
@@ -464,8 +464,10 @@ class PostgresStore:
         max_size: int = 10,
         timeout: float = 5.0,
         event_bytes: int = 64 * 1024,
+        apply_schema: bool = True,
     ) -> PostgresStore:
-        """Open a pool and apply the schema (idempotent; safe with several processes)."""
+        """Open a pool and apply the schema (idempotent; safe with several processes).
+        Without ``apply_schema`` the database is left as it is (a dry run changes nothing)."""
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
@@ -477,10 +479,11 @@ class PostgresStore:
             max_queries=NEVER_RECYCLE,
         )
         try:
-            async with pool.acquire() as con:
-                async with con.transaction():
-                    await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                    await con.execute(read_schema())
+            if apply_schema:
+                async with pool.acquire() as con:
+                    async with con.transaction():
+                        await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                        await con.execute(read_schema())
         except BaseException:
             await pool.close()
             raise
@@ -518,6 +521,15 @@ class PostgresStore:
         except asyncpg.QueryCanceledError:  # the server's statement_timeout
             log.warning("database too slow: a statement was canceled")
             raise Unavailable("the database did not answer in time; retry") from None
+
+    async def has_schema(self) -> bool:
+        """Whether the hub's tables are there (a store opened without applying them)."""
+        async with self._connection() as con:
+            found: bool = await con.fetchval(
+                "SELECT to_regclass('hub_records') IS NOT NULL"
+                " AND to_regclass('hub_receipts') IS NOT NULL"
+            )
+            return found
 
     async def ping(self) -> None:
         async with self._acquired() as con:
@@ -931,11 +943,21 @@ def _push_deltas(
     return tuple(deltas)
 
 
+# What the driver and the network raise: an operator's command reports them
+# in one line (the hub's own failures are HubError).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
 async def check_database(database_url: str, timeout: float) -> str | None:
     """Why the database cannot be used, said for an operator; None when it can."""
     try:
         con = await asyncpg.connect(database_url, timeout=timeout)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         return f"cannot connect: {type(exc).__name__}: {exc}"
     except ValueError as exc:  # a malformed URL, as asyncpg reads it
         return f"cannot be used: {exc}"

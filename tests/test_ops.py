@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import asyncpg
 import httpx
 import pytest
 from changes import commit_one, delete, pull_all, push, upsert
@@ -122,6 +123,30 @@ async def test_hub_retention_command_then_410_over_http(shared_hub, databases, u
         assert r.json()["error"]["code"] == "reset_required"
         r = await http.get("/v1/sync/pull", params={"since": "0"}, headers=headers)
         assert r.status_code == 200 and r.json()["changes"] == []
+
+
+def test_maintenance_commands_need_the_hub_database(tmp_path):
+    # An embedded PostgreSQL would be a database of its own: purging or
+    # resyncing it does nothing to the hub's, and says nothing about that.
+    for args in (["retention"], ["retention", "--dry-run"], ["resync-all", "--yes"]):
+        done = run_cli(args, "", HUB_DATA_DIR=str(tmp_path / "data"))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("hub: HUB_DATABASE_URL is not set"), done.stderr
+        assert done.stderr.count("\n") == 1 and done.stdout == ""
+    assert not (tmp_path / "data").exists()
+
+
+async def test_a_dry_run_leaves_a_database_without_hub_tables_as_it_is(databases):
+    url = await databases.acreate()
+    done = run_cli(["retention", "--dry-run"], url)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("hub: HUB_DATABASE_URL: this database has no hub tables")
+    assert done.stderr.count("\n") == 1 and done.stdout == ""
+    con = await asyncpg.connect(url)
+    try:
+        assert await con.fetchval("SELECT count(*) FROM pg_tables WHERE tablename ~ '^hub_'") == 0
+    finally:
+        await con.close()
 
 
 # -- metrics -----------------------------------------------------------------------
