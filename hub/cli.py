@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import hashlib
 import ipaddress
+import logging
 import os
 import secrets
 import socket
@@ -19,10 +20,14 @@ import orjson
 from . import config, logs
 from .auth import make_token
 from .embedded import EmbeddedError, start_postgres, start_valkey
+from .errors import HubError
 from .server import HubServer, bind, run_workers, uvicorn_config
-from .store_postgres import PostgresStore, check_database
+from .store_postgres import DATABASE_ERRORS, PostgresStore, check_database
 
 __all__ = ["main"]
+
+# What a maintenance command reports in one line, not as a traceback.
+COMMAND_FAILURES: tuple[type[BaseException], ...] = (HubError, *DATABASE_ERRORS)
 
 
 def say(text: str) -> None:
@@ -211,7 +216,7 @@ def retention(args: argparse.Namespace) -> int:
             )
         return await store.purge(retention_s=settings.tombstone_retention, dry_run=args.dry_run)
 
-    return with_store(purge, apply_schema=not args.dry_run)
+    return with_store(purge, "retention", apply_schema=not args.dry_run)
 
 
 def resync_all(args: argparse.Namespace) -> int:
@@ -219,7 +224,7 @@ def resync_all(args: argparse.Namespace) -> int:
     if not args.yes:
         print("hub: this makes every device resync from 0; repeat with --yes", file=sys.stderr)
         return 2
-    return with_store(lambda store, settings: _users(store.require_resync()))
+    return with_store(lambda store, settings: _users(store.require_resync()), "resync-all")
 
 
 async def _users(count: Awaitable[int]) -> dict[str, object]:
@@ -228,6 +233,7 @@ async def _users(count: Awaitable[int]) -> dict[str, object]:
 
 def with_store(
     action: Callable[[PostgresStore, config.Settings], Awaitable[dict[str, Any]]],
+    command: str,
     *,
     apply_schema: bool = True,
 ) -> int:
@@ -246,10 +252,14 @@ def with_store(
     if problem is not None:
         print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
         return 2
+    # The store's warnings would repeat the one line that reports a failure.
+    logging.getLogger("hub").setLevel(logging.ERROR)
 
     async def run() -> dict[str, Any]:
         assert database_url is not None
-        store = await PostgresStore.connect(database_url, max_size=1, apply_schema=apply_schema)
+        store = await PostgresStore.connect(
+            database_url, max_size=1, timeout=settings.db_timeout_s, apply_schema=apply_schema
+        )
         try:
             return await action(store, settings)
         finally:
@@ -260,8 +270,19 @@ def with_store(
     except CommandError as exc:
         print(f"hub: {exc}", file=sys.stderr)
         return 2
+    except COMMAND_FAILURES as exc:  # one line, as hub serve reports a failed start
+        print(f"hub: {command} failed on HUB_DATABASE_URL: {_reason(exc)}", file=sys.stderr)
+        return 2
     print(orjson.dumps(report).decode())
     return 0
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, said briefly: the driver's error under the store's own."""
+    if isinstance(exc, HubError):
+        cause = exc.__context__
+        return exc.message + (f" ({type(cause).__name__})" if cause is not None else "")
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def token(args: argparse.Namespace) -> int:

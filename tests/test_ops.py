@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import asyncpg
 import httpx
@@ -29,6 +30,7 @@ from support import (
 from hub.config import MAX_DURATION_S
 from hub.errors import ResetRequired
 from hub.protocol import PullQuery
+from hub.store_postgres import PostgresStore
 from hub.types import Cursor
 
 
@@ -147,6 +149,26 @@ async def test_a_dry_run_leaves_a_database_without_hub_tables_as_it_is(databases
         assert await con.fetchval("SELECT count(*) FROM pg_tables WHERE tablename ~ '^hub_'") == 0
     finally:
         await con.close()
+
+
+async def test_retention_is_bounded_by_the_database_timeout_and_fails_in_one_line(databases):
+    url = await databases.acreate()
+    store = await PostgresStore.connect(url)
+    await store.close()
+    con = await asyncpg.connect(url)
+    try:
+        async with con.transaction():  # the purge's statements wait behind this lock
+            await con.execute("LOCK TABLE hub_records IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            done = run_cli(["retention", "--dry-run"], url, HUB_DB_TIMEOUT_S="1")
+            took = time.monotonic() - started
+    finally:
+        await con.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("hub: retention failed on HUB_DATABASE_URL: "), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    assert took < 4.5  # HUB_DB_TIMEOUT_S, not the store's default of 5 s
 
 
 # -- metrics -----------------------------------------------------------------------
