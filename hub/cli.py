@@ -274,6 +274,12 @@ def with_store(
         print(f"hub: {command} failed on HUB_DATABASE_URL: {_reason(exc)}", file=sys.stderr)
         return 2
     print(orjson.dumps(report).decode())
+    if report.get("skipped"):  # a purge found the retention lock taken
+        print(
+            f"hub: another process is purging now; {command} did nothing, try again later",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -327,7 +333,8 @@ def parser() -> argparse.ArgumentParser:
         "HUB_RETENTION_INTERVAL_S: tombstones older than HUB_TOMBSTONE_RETENTION (devices "
         "with older cursors then get 410 reset_required) and idempotency receipts older "
         "than 24 h. Prints what went, as JSON. Works on HUB_DATABASE_URL, which must be "
-        "set; --dry-run changes nothing there, not even the schema.",
+        "set; --dry-run changes nothing there, not even the schema. Exits with 3 when "
+        "another process is purging, 2 on failure.",
     )
     retention_p.add_argument("--dry-run", action="store_true", help="only count what would go")
     retention_p.set_defaults(run=retention)

@@ -30,7 +30,7 @@ from support import (
 from hub.config import MAX_DURATION_S
 from hub.errors import ResetRequired
 from hub.protocol import PullQuery
-from hub.store_postgres import PostgresStore
+from hub.store_postgres import RETENTION_LOCK, PostgresStore
 from hub.types import Cursor
 
 
@@ -169,6 +169,19 @@ async def test_retention_is_bounded_by_the_database_timeout_and_fails_in_one_lin
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stdout == ""
     assert took < 4.5  # HUB_DB_TIMEOUT_S, not the store's default of 5 s
+
+
+async def test_retention_exits_3_while_another_process_purges(database_url):
+    con = await asyncpg.connect(database_url)
+    try:
+        await con.execute("SELECT pg_advisory_lock($1)", RETENTION_LOCK)
+        done = run_cli(["retention"], database_url)
+    finally:
+        await con.close()
+    assert done.returncode == 3, done.stderr
+    assert json.loads(done.stdout) == {"skipped": True}
+    assert done.stderr.startswith("hub: another process is purging now")
+    assert done.stderr.count("\n") == 1
 
 
 # -- metrics -----------------------------------------------------------------------
