@@ -51,6 +51,7 @@ __all__ = [
     "is_key_id",
     "make_api_key",
     "make_token",
+    "valid_user",
     "parse_api_key",
 ]
 
@@ -191,7 +192,7 @@ class JwtVerifier:
         except jwt.InvalidTokenError:
             raise Unauthorized("the token is invalid") from None
         user = claims["sub"]
-        if not _valid_user(user):
+        if not valid_user(user):
             raise Unauthorized("the token's 'sub' must be a user id of 1..128 characters")
         expires_at = _expiry(claims["exp"])
         if expires_at is None:
@@ -201,7 +202,7 @@ class JwtVerifier:
         return Principal(user, ALL_SCOPES, "jwt", expires_at)
 
 
-def _valid_user(user: object) -> bool:
+def valid_user(user: object) -> bool:
     """1..128 characters, no U+0000, and storable (no lone surrogate)."""
     if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_CHARS or "\x00" in user:
         return False
@@ -232,11 +233,13 @@ async def _fetch_url(url: str) -> bytes:
     return await asyncio.to_thread(get)
 
 
-def make_token(secret: str, user: str, *, ttl_s: float = 86400.0, **claims: Any) -> str:
-    """An HS256 token for ``user`` (development, tests, the demo)."""
+def make_token(
+    secret: str, user: str, *, ttl_s: float = 86400.0, algorithm: str = "HS256", **claims: Any
+) -> str:
+    """An HS token for ``user`` (``hub token``, development, tests, the demo)."""
     now = int(time.time())
     payload = {"sub": user, "iat": now, "exp": now + int(ttl_s), **claims}
-    return jwt.encode(payload, secret, algorithm="HS256")
+    return jwt.encode(payload, secret, algorithm=algorithm)
 
 
 # -- API keys ---------------------------------------------------------------------

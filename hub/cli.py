@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import secrets
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 
 from . import config, logs
-from .auth import make_token
+from .auth import make_token, valid_user
 from .embedded import EmbeddedError, start_postgres, start_valkey
 from .errors import HubError
 from .server import HubServer, bind, run_workers, uvicorn_config
@@ -129,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         say(f"!! {Path(settings.data_dir, 'dev-jwt-secret').resolve()}")
         say("!! Set HUB_JWT_SECRET (or HUB_JWKS_URL) before real users connect.")
         say("!" * 72)
-        say(f"hub: demo token (user 'demo', 24 h): {make_token(secret, 'demo')}")
+        say(f"hub: demo token (user 'demo', 24 h): {token_for(settings, secret, 'demo')}")
     if settings.workers > 1:
         env = dict(os.environ)
         env.update(
@@ -292,6 +293,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def token(args: argparse.Namespace) -> int:
+    if not valid_user(args.user):
+        print("hub: the user must be 1..128 characters, without NUL", file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.ttl) and args.ttl >= 1):
+        print("hub: --ttl must be a number of seconds, at least 1", file=sys.stderr)
+        return 2
     try:
         settings = config.load(os.environ)
         secret, _ = credentials(settings)
@@ -307,8 +314,26 @@ def token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(make_token(secret, args.user, ttl_s=args.ttl))
+    if settings.development_secret:
+        print(
+            "hub: warning: HUB_JWT_SECRET is not set: signed with the development secret "
+            "of HUB_DATA_DIR, which only a development hub accepts",
+            file=sys.stderr,
+        )
+    print(token_for(settings, secret, args.user, args.ttl))
     return 0
+
+
+def token_for(settings: config.Settings, secret: str, user: str, ttl_s: float = 86400.0) -> str:
+    """A token that a hub with these settings accepts: their audience and
+    issuer, signed with the first of their algorithms."""
+    claims = {
+        name: value
+        for name, value in (("aud", settings.jwt_audience), ("iss", settings.jwt_issuer))
+        if value is not None
+    }
+    algorithm = settings.jwt_algorithms[0] if settings.jwt_algorithms else "HS256"
+    return make_token(secret, user, ttl_s=ttl_s, algorithm=algorithm, **claims)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -349,10 +374,17 @@ def parser() -> argparse.ArgumentParser:
     resync_p.add_argument("--yes", action="store_true", help="really do it")
     resync_p.set_defaults(run=resync_all)
     token_p = sub.add_parser(
-        "token", help="print an HS256 token for a user (HUB_JWT_SECRET or the dev secret)"
+        "token",
+        help="print a token for a user (HUB_JWT_SECRET or the dev secret)",
+        description="Print a token that a hub with the same settings accepts: signed with "
+        "HUB_JWT_SECRET (or, with a warning, the development secret of HUB_DATA_DIR) by the "
+        "first of HUB_JWT_ALGORITHMS (HS256 by default), with HUB_JWT_AUDIENCE and "
+        "HUB_JWT_ISSUER as its aud and iss when set.",
     )
-    token_p.add_argument("user")
-    token_p.add_argument("--ttl", type=float, default=86400.0, help="lifetime in seconds")
+    token_p.add_argument("user", help="the user id: 1..128 characters")
+    token_p.add_argument(
+        "--ttl", type=float, default=86400.0, help="lifetime in seconds (default 1 day)"
+    )
     token_p.set_defaults(run=token)
     return top
 

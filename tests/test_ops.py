@@ -12,6 +12,7 @@ import time
 
 import asyncpg
 import httpx
+import jwt
 import pytest
 from changes import commit_one, delete, pull_all, push, upsert
 from changes import stamp as old_stamp
@@ -27,6 +28,7 @@ from support import (
     wait_for,
 )
 
+from hub.auth import JwtVerifier
 from hub.config import MAX_DURATION_S
 from hub.errors import ResetRequired
 from hub.protocol import PullQuery
@@ -182,6 +184,57 @@ async def test_retention_exits_3_while_another_process_purges(database_url):
     assert json.loads(done.stdout) == {"skipped": True}
     assert done.stderr.startswith("hub: another process is purging now")
     assert done.stderr.count("\n") == 1
+
+
+# -- tokens ------------------------------------------------------------------------
+
+
+async def test_hub_token_is_accepted_by_a_hub_with_the_same_settings():
+    settings = {
+        "HUB_JWT_AUDIENCE": "app",
+        "HUB_JWT_ISSUER": "https://hub.example",
+        "HUB_JWT_ALGORITHMS": "HS384,HS256",
+    }
+    done = run_cli(["token", "alice", "--ttl", "60"], "", **settings)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    token = done.stdout.strip()
+    verifier = JwtVerifier(
+        secret=JWT_SECRET,
+        algorithms=("HS384", "HS256"),
+        audience="app",
+        issuer="https://hub.example",
+    )
+    principal = await verifier.verify(token)
+    assert principal.user == "alice"
+    assert principal.expires_at is not None and principal.expires_at - time.time() <= 60
+    assert jwt.get_unverified_header(token)["alg"] == "HS384"
+
+
+def test_hub_token_warns_about_the_development_secret(tmp_path):
+    done = run_cli(["token", "alice"], "", HUB_JWT_SECRET="", HUB_DATA_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("hub: warning: HUB_JWT_SECRET is not set")
+    assert done.stderr.count("\n") == 1
+    assert done.stdout.count(".") == 2  # the token, still made
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["token", ""], "hub: the user must be"),
+        (["token", "u" * 129], "hub: the user must be"),
+        (["token", "alice", "--ttl", "0"], "hub: --ttl must be"),
+        (["token", "alice", "--ttl", "-60"], "hub: --ttl must be"),
+        (["token", "alice", "--ttl", "nan"], "hub: --ttl must be"),
+        (["token", "alice", "--ttl", "inf"], "hub: --ttl must be"),
+    ],
+)
+def test_hub_token_refuses_what_no_hub_would_accept(args, says):
+    done = run_cli(args, "")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.startswith(says) and done.stderr.count("\n") == 1
+    assert done.stdout == ""
 
 
 # -- metrics -----------------------------------------------------------------------
