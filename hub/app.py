@@ -304,11 +304,21 @@ class Hub:
     async def _check(self) -> dict[str, Any]:
         start = time.perf_counter()
         postgres: dict[str, Any]
+        # Not wait_for: past the timeout it awaits the probe's cancellation, and
+        # on a hung database the driver's cancel request hangs as well. The
+        # probe is left to end on its own; its outcome is read when it does.
+        probe = asyncio.ensure_future(self.store.ping())
+        probe.add_done_callback(_read_outcome)
         try:
-            await asyncio.wait_for(self.store.ping(), self.settings.db_timeout_s)
-            postgres = {"ok": True, "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
-        except Exception as exc:  # any failure of the probe is the finding
+            await asyncio.wait([probe], timeout=self.settings.db_timeout_s)
+        finally:
+            probe.cancel()  # a no-op once it ended
+        if not probe.done():
+            postgres = {"ok": False, "error": "TimeoutError"}
+        elif (exc := probe.exception()) is not None:  # any failure of the probe is the finding
             postgres = {"ok": False, "error": type(exc).__name__}
+        else:
+            postgres = {"ok": True, "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
         broker = await self.broker.probe(HEALTH_PROBE_TIMEOUT_S)
         if not postgres["ok"]:
             status = "down"
@@ -325,6 +335,12 @@ class Hub:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "version": HUB_VERSION,
         }
+
+
+def _read_outcome(probe: asyncio.Future[None]) -> None:
+    # Mark a probe's failure read: one abandoned by /health is no unhandled error.
+    if not probe.cancelled():
+        probe.exception()
 
 
 class ErrorBodyCORSMiddleware(CORSMiddleware):

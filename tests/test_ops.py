@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from changes import commit_one, delete, pull_all, push, upsert
 from changes import stamp as old_stamp
 from support import (
     JWT_SECRET,
+    TcpProxy,
     change,
     connect,
     new_user,
@@ -333,6 +335,39 @@ async def test_health_is_down_while_postgres_is_unreachable(tmp_path):
             await wait_for(lambda: status_is("ok"), timeout=30, interval=0.3)
         finally:
             hub.stop()
+
+
+async def test_health_answers_within_the_database_timeout_when_postgres_hangs(
+    hub_factory, database_url
+):
+    # A blackholed database: the probe's statement times out, and so would
+    # the driver's cancel request of it; /health must not wait for either.
+    async with TcpProxy.for_url(database_url) as proxy:
+        hub = await asyncio.to_thread(
+            hub_factory,
+            {"HUB_DATABASE_URL": proxy.url(database_url), "HUB_DB_TIMEOUT_S": "1"},
+        )
+
+        async def status_is(want: str):
+            r = await get(hub, "/health")
+            return r if r.json()["status"] == want else None
+
+        await wait_for(lambda: status_is("ok"), timeout=10, interval=0.2)
+        proxy.freeze(new_flows=True)
+        for _ in range(5):  # the cached answer first (about a second), then the probe's
+            started = time.monotonic()
+            r = await get(hub, "/health")
+            took = time.monotonic() - started
+            assert took < 1.5, f"/health took {took:.2f}s with HUB_DB_TIMEOUT_S=1"
+            if r.status_code == 503:
+                break
+            await asyncio.sleep(0.3)
+        assert r.status_code == 503 and r.json()["checks"]["postgres"]["ok"] is False
+        # Still bounded while the probes before it hang on.
+        started = time.monotonic()
+        await asyncio.sleep(1.1)
+        assert (await get(hub, "/health")).status_code == 503
+        assert time.monotonic() - started < 1.1 + 1.5
 
 
 # -- logs --------------------------------------------------------------------------
