@@ -271,8 +271,9 @@ const GAP_WAIT_MS = 150;
 // The hub warns of a token's expiry a minute ahead, at once for a token that
 // lives less: one refresh per such interval at most, not one per warning.
 const REFRESH_MIN_INTERVAL_MS = 15_000;
-// A cached token that expires sooner than this is fetched again before a connect.
-const TOKEN_MARGIN_MS = 60_000;
+// A cached token that expires sooner than this (or has: after a long sleep) is
+// fetched again before a connect.
+const TOKEN_MARGIN_MS = 5_000;
 // A connection not welcomed within this long is given up on (a hung hub or proxy).
 const WELCOME_TIMEOUT_MS = 15_000;
 // Errors after which the same request may succeed later (pushes and pulls).
