@@ -262,6 +262,17 @@ def ws_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
+def _finite(value: Any) -> bool:
+    """Whether every number in ``value`` is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
 def _dumps(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
@@ -704,6 +715,9 @@ class HubClient:
     def _validated(self, raw: dict[str, Any], stamp: str) -> dict[str, Any]:
         """The change as the hub will store it (values through a JSON round trip),
         checked with the hub's own rules."""
+        for name, spec in (raw.get("fields") or {}).items():
+            if not _finite(spec["value"]):  # (JSON encoders write them as null)
+                raise TypeError(f"fields.{name}: NaN and infinities are not JSON values")
         (parsed,) = protocol.parse_changes([raw], self._limits, int(stamp[:13]))
         change = dict(raw)
         if parsed.op == "upsert":

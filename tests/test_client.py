@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import socket
 import time
@@ -205,6 +206,16 @@ async def test_values_read_from_the_replica_are_the_apps_to_change(
             "tags": ["a", "b"],
             "meta": {"n": 1},
         }
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, [1.0, -math.inf], {"x": math.nan}], ids=str)
+async def test_nan_and_infinities_are_refused_not_written_as_null(
+    tmp_path: Path, value: Any
+) -> None:
+    async with client(closed_port_url(), new_user(), "laptop", tmp_path) as laptop:
+        with pytest.raises(TypeError, match="fields.n: NaN and infinities are not JSON"):
+            await laptop.upsert("todos", "t1", n=value, ok=1)
+        assert laptop.get("todos", "t1") is None and laptop.pending == 0
 
 
 async def test_offline_changes_survive_a_restart_and_are_pushed_once(
