@@ -1169,3 +1169,50 @@ def test_a_connection_never_welcomed_is_given_up_and_tried_again(devices: Device
     )
     assert closes == [[4000, "no welcome from the hub"]], closes
     assert relay.silent_connections == 0
+
+
+def test_changes_past_a_pushs_limits_are_refused_and_batches_keep_within_them(
+    devices: Devices,
+) -> None:
+    """What the hub refuses for a whole push is refused by upsert (more than
+    20,000 fields; numbers that add more than 1 MiB once written out), and
+    queued changes that each pass go in pushes that pass too: 18 changes of
+    about 60 KiB of written-out numbers each are all stored."""
+    user = new_user()
+    page = devices.open(devices.new(), None)
+    result = page.evaluate(
+        """async (token) => {
+            const m = await import('/client/hub.js');
+            const client = new m.HubClient({device: 'd1', token, tabs: false});
+            const errors = [];
+            client.on('error', (e) => errors.push(e.code));
+            await client.start();
+            const refusals = [];
+            const many = {};
+            for (let i = 0; i <= 20000; i++) many['f' + i] = 0;
+            const huge = {};
+            for (let i = 0; i < 18; i++) huge['f' + i] = Array(200).fill(1e308);
+            for (const fields of [many, huge]) {
+                try {
+                    await client.upsert('todos', 'refused', fields);
+                    refusals.push('written');
+                } catch (err) {
+                    refusals.push(err.name);
+                }
+            }
+            for (let i = 0; i < 18; i++) {
+                await client.upsert('todos', 'n' + i, {big: Array(200).fill(1e308)});
+            }
+            await new Promise((resolve) => {
+                const check = (s) => { if (s.state === 'online' && s.pending === 0) resolve(); };
+                client.on('status', check);
+                check(client.status);
+            });
+            client.close();
+            return {refusals, errors};
+        }""",
+        devices.hub.token(user),
+    )
+    assert result == {"refusals": ["RangeError", "RangeError"], "errors": []}, result
+    stored = {d["id"] for d in devices.hub.pull_all(user)}
+    assert stored == {f"n{i}" for i in range(18)}

@@ -24,6 +24,9 @@ const MAX_ACTOR_BYTES = 4 * 1024;
 const MAX_ID_CHARS = 128;
 // One change, and the push message around it, fit the hub's 1 MiB message limit.
 const MAX_CHANGE_BYTES = 1024 * 1024 - 4096;
+const MAX_FIELDS_PER_PUSH = 20_000; // field writes of one push (the hub's limit)
+// What writing a push's numbers out in full may add, over all its values (the hub's limit).
+const MAX_PUSH_GROWTH_BYTES = 1024 * 1024;
 // What one message can still carry alone (its push wrapper is under 100 bytes):
 // a change queued by an older client is dropped only past this.
 const MAX_SENDABLE_CHANGE_BYTES = 1024 * 1024 - 256;
@@ -428,13 +431,22 @@ export class HubClient extends EventTarget {
     }
     const names = Object.keys(fields);
     if (names.length === 0) throw new TypeError("an upsert needs at least one field");
+    if (names.length > MAX_FIELDS_PER_PUSH) {
+      throw new RangeError(`${names.length} fields; a push writes at most ${MAX_FIELDS_PER_PUSH}`);
+    }
     const values = {}; // as the hub will store them: what a JSON round trip gives
+    const growth = { bytes: 0 };
     for (const name of names) {
       if (!FIELD_RE.test(name)) {
         throw new TypeError(`bad field name ${JSON.stringify(name)}: [A-Za-z0-9_.-]{1,64}, not starting with _`);
       }
       if (fields[name] === undefined) throw new TypeError(`field ${name} is undefined`);
-      values[name] = storedValue(fields[name], MAX_VALUE_BYTES, `field ${name}`);
+      values[name] = storedValue(fields[name], MAX_VALUE_BYTES, `field ${name}`, growth);
+    }
+    if (growth.bytes > MAX_PUSH_GROWTH_BYTES) {
+      throw new RangeError(
+        `writing the change's numbers out in full adds ${growth.bytes} bytes; a push may add at most ${MAX_PUSH_GROWTH_BYTES}`,
+      );
     }
     const build = (stamp) => {
       const out = {};
@@ -446,13 +458,18 @@ export class HubClient extends EventTarget {
     if (size > MAX_CHANGE_BYTES) {
       throw new RangeError(`the change is ${size} bytes encoded; one push message carries at most ${MAX_CHANGE_BYTES}`);
     }
-    return this._writeLocal(collection, id, (stamp, record) => {
-      applyUpsert(
-        record,
-        names.map((n) => [n, values[n], stamp]),
-      );
-      return build(stamp);
-    });
+    return this._writeLocal(
+      collection,
+      id,
+      (stamp, record) => {
+        applyUpsert(
+          record,
+          names.map((n) => [n, values[n], stamp]),
+        );
+        return build(stamp);
+      },
+      growth.bytes,
+    );
   }
 
   /** Delete a record (a tombstone; a later upsert revives it with only the newer fields). */
@@ -550,7 +567,7 @@ export class HubClient extends EventTarget {
 
   // -- local writes ---------------------------------------------------------------------
 
-  async _writeLocal(collection, id, make) {
+  async _writeLocal(collection, id, make, growth = 0) {
     if (this._closed) throw new Error("the client is closed");
     const stamp = await transact(this.db, [RECORDS, OUTBOX, META], "readwrite", async (tx) => {
       const meta = tx.objectStore(META);
@@ -562,7 +579,7 @@ export class HubClient extends EventTarget {
       const record = (await req(records.get(key))) || { collection, id, ...newRecord() };
       const change = make(stamp, record);
       records.put(record, key);
-      tx.objectStore(OUTBOX).add({ change, batch: "" });
+      tx.objectStore(OUTBOX).add({ change, batch: "", growth });
       return stamp;
     });
     await this._refreshPending();
@@ -1198,16 +1215,29 @@ export class HubClient extends EventTarget {
         return { id: resend.entry.batch, changes: entries.map(({ entry }) => entry.change), tooBig };
       }
       // At most 200 changes and 512 KiB, or one change alone (at most
-      // MAX_CHANGE_BYTES): either way one message carries it.
+      // MAX_CHANGE_BYTES): either way one message carries it. And within the
+      // hub's limits of a push: fields written, and numbers written out.
       const fresh = [];
       let bytes = 0;
+      let fields = 0;
+      let growth = 0;
       for (const { entry, size } of all) {
         if (entry.batch) continue;
-        if (fresh.length >= this._batchCap || (fresh.length > 0 && bytes + size > MAX_BATCH_BYTES)) {
+        const count = Object.keys(entry.change.fields || {}).length || 1;
+        const adds = entry.growth || 0;
+        if (
+          fresh.length >= this._batchCap ||
+          (fresh.length > 0 &&
+            (bytes + size > MAX_BATCH_BYTES ||
+              fields + count > MAX_FIELDS_PER_PUSH ||
+              growth + adds > MAX_PUSH_GROWTH_BYTES))
+        ) {
           break;
         }
         fresh.push(entry);
         bytes += size;
+        fields += count;
+        growth += adds;
       }
       if (fresh.length === 0) return tooBig.length > 0 ? { id: null, changes: [], tooBig } : null;
       const id = randomId("p-");
@@ -1447,7 +1477,7 @@ function writtenOutLength(text) {
  * without U+0000, at most 128 arrays or objects deep, at most `limit` bytes
  * with every number written out in full. Throws TypeError or RangeError.
  */
-function storedValue(value, limit, what) {
+function storedValue(value, limit, what, growth = null) {
   let text;
   try {
     text = JSON.stringify(value, (_key, v) => {
@@ -1489,6 +1519,7 @@ function storedValue(value, limit, what) {
     }
   }
   const size = new TextEncoder().encode(text).length + excess;
+  if (growth) growth.bytes += excess;
   if (size > limit) {
     const how = excess > 0 ? " (numbers written out in full)" : "";
     throw new RangeError(`${what}: ${size} bytes as stored${how}, the limit is ${limit}`);
