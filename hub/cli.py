@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"hub: cannot keep the development secret in HUB_DATA_DIR: {exc}", file=sys.stderr)
         return 2
-    problem = asyncio.run(check_database(database_url, settings.db_timeout_s))
+    problem = asyncio.run(check_database(database_url, settings.db_timeout_s, apply_schema=True))
     if problem is not None:
         print(f"hub: HUB_DATABASE_URL: {problem}", file=sys.stderr)
         return 2

@@ -953,15 +953,28 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-async def check_database(database_url: str, timeout: float) -> str | None:
-    """Why the database cannot be used, said for an operator; None when it can."""
+async def check_database(
+    database_url: str, timeout: float, *, apply_schema: bool = False
+) -> str | None:
+    """Why the database cannot be used, said for an operator; None when it can.
+    With ``apply_schema``, the schema goes in now (as every process applies it
+    when it starts), so that a database that cannot take it (no CREATE right,
+    a clashing table) is named before the hub serves, not in a traceback."""
     try:
         con = await asyncpg.connect(database_url, timeout=timeout)
     except DATABASE_ERRORS as exc:
         return f"cannot connect: {type(exc).__name__}: {exc}"
     except ValueError as exc:  # a malformed URL, as asyncpg reads it
         return f"cannot be used: {exc}"
-    await con.close()
+    try:
+        if apply_schema:
+            async with con.transaction():
+                await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                await con.execute(read_schema())
+    except asyncpg.PostgresError as exc:
+        return f"cannot apply the hub's schema: {type(exc).__name__}: {exc}"
+    finally:
+        await con.close()
     return None
 
 

@@ -24,6 +24,7 @@ from support import (
     connect,
     new_user,
     restartable_redis,
+    run,
     serve_exits,
     stamp,
     token_for,
@@ -471,7 +472,10 @@ async def test_metrics_add_up_over_the_workers(hub_factory, user):
     assert seen == {20.0}, seen
 
 
-def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
+def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url, databases):
+    # A database whose hub_records is something else: the schema cannot go in.
+    clashing = databases.create()
+    run(_execute(clashing, "CREATE VIEW hub_records AS SELECT 1 AS x"))
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     free_port = closed.getsockname()[1]
@@ -493,6 +497,10 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
                 {"HUB_DATABASE_URL": database_url, "HUB_PORT": str(taken.getsockname()[1])},
                 "hub: cannot listen on 127.0.0.1:",
             ),
+            (
+                {"HUB_DATABASE_URL": clashing},
+                "hub: HUB_DATABASE_URL: cannot apply the hub's schema",
+            ),
         ):
             done = serve_exits(tmp_path, HUB_HOST="127.0.0.1", HUB_JWT_SECRET="s" * 40, **env)
             assert done.returncode == 2, done.stderr
@@ -505,6 +513,14 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url):
         assert "Traceback" not in done.stderr
     finally:
         taken.close()
+
+
+async def _execute(url: str, sql: str) -> None:
+    con = await asyncpg.connect(url)
+    try:
+        await con.execute(sql)
+    finally:
+        await con.close()
 
 
 async def test_a_dead_workers_connections_leave_the_metrics(hub_factory, user):
