@@ -219,6 +219,18 @@ async function defaultDbName(user, device) {
   return `hub:${device}:${encodeURIComponent(user)}`;
 }
 
+/** Walk an IndexedDB cursor: `visit(cursor)` (synchronous) returns false to stop. */
+function iterate(request, visit) {
+  return new Promise((resolve, reject) => {
+    request.onsuccess = () => {
+      const cursor = request.result;
+      if (!cursor || visit(cursor) === false) resolve();
+      else cursor.continue();
+    };
+    request.onerror = () => reject(request.error);
+  });
+}
+
 function openDatabase(name) {
   return new Promise((resolve, reject) => {
     const open = indexedDB.open(name, 1);
@@ -1195,34 +1207,43 @@ export class HubClient extends EventTarget {
   async _claimBatch() {
     return transact(this.db, [OUTBOX], "readwrite", async (tx) => {
       const outbox = tx.objectStore(OUTBOX);
+      const byBatch = outbox.index("batch");
+      // A batch claimed for a push that is not under way (its connection
+      // closed): sent again, whole and under its id, the oldest first. Only
+      // the claimed entries are read here, and of the rest only one batch's
+      // worth: a long offline outbox costs each batch what it takes, not
+      // the whole outbox again.
+      const stale = [];
+      await iterate(byBatch.openKeyCursor(IDBKeyRange.lowerBound("", true), "nextunique"), (c) => {
+        if (!this._inFlight.has(c.key)) stale.push(c.key);
+      });
+      let resend = null;
+      for (const id of stale) {
+        const entries = await req(byBatch.getAll(id));
+        if (entries.length > 0 && (!resend || entries[0].seq < resend.entries[0].seq)) {
+          resend = { id, entries };
+        }
+      }
+      if (resend) return { id: resend.id, changes: resend.entries.map((e) => e.change), tooBig: [] };
+      // At most 200 changes and 512 KiB, or one change alone (at most
+      // MAX_CHANGE_BYTES): either way one message carries it. And within the
+      // hub's limits of a push: fields written, and numbers written out.
       // A change too big for one message (queued before upsert checked its
       // size) would close every connection that sends it (1009): it leaves the
       // outbox here, and is reported, instead.
       const tooBig = [];
-      const all = [];
-      for (const entry of await req(outbox.getAll())) {
-        const size = jsonBytes(entry.change);
-        if (size > MAX_SENDABLE_CHANGE_BYTES) {
-          tooBig.push(entry.change);
-          outbox.delete(entry.seq);
-        } else {
-          all.push({ entry, size });
-        }
-      }
-      const resend = all.find(({ entry }) => entry.batch && !this._inFlight.has(entry.batch));
-      if (resend) {
-        const entries = all.filter(({ entry }) => entry.batch === resend.entry.batch);
-        return { id: resend.entry.batch, changes: entries.map(({ entry }) => entry.change), tooBig };
-      }
-      // At most 200 changes and 512 KiB, or one change alone (at most
-      // MAX_CHANGE_BYTES): either way one message carries it. And within the
-      // hub's limits of a push: fields written, and numbers written out.
       const fresh = [];
       let bytes = 0;
       let fields = 0;
       let growth = 0;
-      for (const { entry, size } of all) {
-        if (entry.batch) continue;
+      await iterate(byBatch.openCursor(IDBKeyRange.only("")), (cursor) => {
+        const entry = cursor.value;
+        const size = jsonBytes(entry.change);
+        if (size > MAX_SENDABLE_CHANGE_BYTES) {
+          tooBig.push(entry.change);
+          cursor.delete();
+          return true;
+        }
         const count = Object.keys(entry.change.fields || {}).length || 1;
         const adds = entry.growth || 0;
         if (
@@ -1232,13 +1253,14 @@ export class HubClient extends EventTarget {
               fields + count > MAX_FIELDS_PER_PUSH ||
               growth + adds > MAX_PUSH_GROWTH_BYTES))
         ) {
-          break;
+          return false;
         }
         fresh.push(entry);
         bytes += size;
         fields += count;
         growth += adds;
-      }
+        return true;
+      });
       if (fresh.length === 0) return tooBig.length > 0 ? { id: null, changes: [], tooBig } : null;
       const id = randomId("p-");
       for (const entry of fresh) {
