@@ -130,6 +130,10 @@ class Hub:
     def count_auth_failure(self, code: str) -> None:
         self.metrics.auth_failures.labels(code).inc()
 
+    def count_refused_push(self, code: str) -> None:
+        """A push refused before its commit (its form, a limit, its rate)."""
+        self.metrics.pushes.labels(code).inc()
+
     def start(self) -> None:
         self.committer.start()
         self.broker.on_gap = self.gap

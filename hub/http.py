@@ -131,23 +131,32 @@ async def push(request: Request) -> Response:
     """POST /v1/sync/push"""
     hub = hub_of(request)
     who = await principal(request, "write")
-    hub.check_rate(hub.push_limits, who.user, "pushes")
     key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
     limits = hub.settings.limits
-    body = await read_body(request, limits.max_http_body_bytes)
-    now_ms = time.time_ns() // 1_000_000
-    if len(body) <= PARSE_ON_LOOP_BYTES:
-        parsed = protocol.parse_http_push(
-            body, user=who.user, key=key, limits=limits, now_ms=now_ms
-        )
-    else:
-        # A big body may take a second to read exactly (numbers kept digit for
-        # digit): on a thread, one at a time, so that the loop, which shares
-        # the interpreter with it, keeps serving everyone else meanwhile.
-        async with _big_parses:
-            parsed = await asyncio.to_thread(
-                protocol.parse_http_push, body, user=who.user, key=key, limits=limits, now_ms=now_ms
+    try:
+        hub.check_rate(hub.push_limits, who.user, "pushes")
+        body = await read_body(request, limits.max_http_body_bytes)
+        now_ms = time.time_ns() // 1_000_000
+        if len(body) <= PARSE_ON_LOOP_BYTES:
+            parsed = protocol.parse_http_push(
+                body, user=who.user, key=key, limits=limits, now_ms=now_ms
             )
+        else:
+            # A big body may take a second to read exactly (numbers kept digit for
+            # digit): on a thread, one at a time, so that the loop, which shares
+            # the interpreter with it, keeps serving everyone else meanwhile.
+            async with _big_parses:
+                parsed = await asyncio.to_thread(
+                    protocol.parse_http_push,
+                    body,
+                    user=who.user,
+                    key=key,
+                    limits=limits,
+                    now_ms=now_ms,
+                )
+    except HubError as exc:
+        hub.count_refused_push(exc.code)
+        raise
     result = await hub.push(parsed)
     headers = {"Idempotent-Replay": "true"} if result.replay else None
     return json_response(result.body(), 200, headers)

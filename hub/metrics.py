@@ -51,7 +51,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.pushes = Counter("hub_pushes", "Pushes answered, by result", ["result"], registry=r)
+        self.pushes = Counter(
+            "hub_pushes",
+            "Pushes answered, by result: applied, unchanged, replay, or the error code"
+            " (refused before its commit, or by it)",
+            ["result"],
+            registry=r,
+        )
         self.changes = Counter(
             "hub_changes", "Changes of committed pushes: applied or ignored", ["result"], registry=r
         )

@@ -51,7 +51,7 @@ from .protocol import (
 )
 from .ratelimit import TokenBucket
 from .server import HeartbeatProtocol
-from .types import Principal, Push, PushResult
+from .types import Change, Principal, Push, PushResult
 
 if TYPE_CHECKING:
     from .app import Hub
@@ -420,16 +420,11 @@ class Session:
         assert self.principal is not None
         mid = protocol.message_id(message, required=True)
         assert mid is not None
-        if not self.principal.can("write"):
-            raise Forbidden("this credential cannot push")
-        if self._in_flight >= MAX_PUSHES_IN_FLIGHT:
-            raise RateLimited("too many pushes in flight on this connection; wait for acks", 1.0)
-        self.hub.check_rate(self.hub.push_limits, self.user, "pushes")
-        if "changes" not in message:
-            raise BadRequest("'changes' is required")
-        changes = protocol.parse_changes(
-            message["changes"], self.hub.settings.limits, time.time_ns() // 1_000_000
-        )
+        try:
+            changes = self._admit_push(message)
+        except HubError as exc:
+            self.hub.count_refused_push(exc.code)
+            raise
         push = Push(
             self.user,
             self.device,
@@ -441,6 +436,20 @@ class Session:
         self._in_flight += 1
         future = self.hub.coordinators.push(push, origin=self.id)
         future.add_done_callback(lambda f: self._acked(mid, f))
+
+    def _admit_push(self, message: dict[str, Any]) -> tuple[Change, ...]:
+        """A push's changes, once it may be pushed: the checks before a commit."""
+        assert self.principal is not None
+        if not self.principal.can("write"):
+            raise Forbidden("this credential cannot push")
+        if self._in_flight >= MAX_PUSHES_IN_FLIGHT:
+            raise RateLimited("too many pushes in flight on this connection; wait for acks", 1.0)
+        self.hub.check_rate(self.hub.push_limits, self.user, "pushes")
+        if "changes" not in message:
+            raise BadRequest("'changes' is required")
+        return protocol.parse_changes(
+            message["changes"], self.hub.settings.limits, time.time_ns() // 1_000_000
+        )
 
     def _acked(self, mid: str, future: asyncio.Future[PushResult]) -> None:
         self._in_flight -= 1

@@ -253,6 +253,15 @@ async def test_metrics_move_when_pushes_happen(shared_hub):
         assert ack["type"] == "ack"
         await receiver.expect("change")
     await sender.push([change("t0", stamp(-60_000), x=0)])  # older: ignored
+    refused = await sender.push([change("t0", stamp(3_600_000), x=0)])  # an hour ahead
+    assert refused["code"] == "clock_skew", refused
+    async with httpx.AsyncClient(timeout=10) as client:  # no 'device': refused before a commit
+        r = await client.post(
+            f"{shared_hub.url}/v1/sync/push",
+            json={"changes": []},
+            headers={"Authorization": f"Bearer {token_for(user)}"},
+        )
+    assert r.status_code == 400
     r = await get(shared_hub, "/v1/sync/pull?since=99", user)
     assert r.status_code == 410
 
@@ -264,6 +273,8 @@ async def test_metrics_move_when_pushes_happen(shared_hub):
     for name, labels, at_least in (
         ("hub_pushes_total", {"result": "applied"}, 3),
         ("hub_pushes_total", {"result": "unchanged"}, 1),
+        ("hub_pushes_total", {"result": "clock_skew"}, 1),
+        ("hub_pushes_total", {"result": "bad_request"}, 1),
         ("hub_changes_total", {"result": "applied"}, 3),
         ("hub_changes_total", {"result": "ignored"}, 1),
         ("hub_event_deliveries_total", {"type": "change"}, 3),
