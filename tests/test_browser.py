@@ -1216,3 +1216,118 @@ def test_changes_past_a_pushs_limits_are_refused_and_batches_keep_within_them(
     assert result == {"refusals": ["RangeError", "RangeError"], "errors": []}, result
     stored = {d["id"] for d in devices.hub.pull_all(user)}
     assert stored == {f"n{i}" for i in range(18)}
+
+
+def test_start_and_close_race_and_legacy_replicas(devices: Devices) -> None:
+    """A client closed while it starts lets go of its database (it can be
+    deleted); an actor's numbers count toward a push's limit; a replica of
+    the version before (named "hub:<device>", filled offline, never
+    connected) is taken over and its queued edit pushed."""
+    user = new_user()
+    page = devices.open(devices.new(), None)
+    result = page.evaluate(
+        """async (token) => {
+            const m = await import('/client/hub.js');
+            const early = new m.HubClient({device: 'd9', dbName: 'race', token});
+            const starting = early.start().catch((err) => err.name);
+            early.close();
+            await starting;
+            const deleted = await new Promise((resolve) => {
+                const r = indexedDB.deleteDatabase('race');
+                r.onsuccess = () => resolve('deleted');
+                r.onblocked = () => setTimeout(() => resolve('blocked'), 2000);
+            });
+            // A replica as the version before left it: no user yet, one edit queued.
+            const legacy = await new Promise((resolve, reject) => {
+                const open = indexedDB.open('hub:d1', 1);
+                open.onupgradeneeded = () => {
+                    const db = open.result;
+                    db.createObjectStore('records');
+                    db.createObjectStore('outbox', {keyPath: 'seq', autoIncrement: true})
+                        .createIndex('batch', 'batch');
+                    db.createObjectStore('meta');
+                };
+                open.onsuccess = () => resolve(open.result);
+                open.onerror = () => reject(open.error);
+            });
+            const hlc = m.formatStamp(Date.now(), 0, 'd1');
+            const change = {collection: 'todos', id: 'old', op: 'upsert',
+                            fields: {title: {value: 'made offline', hlc}}};
+            await new Promise((resolve) => {
+                const tx = legacy.transaction(['records', 'outbox'], 'readwrite');
+                const record = {collection: 'todos', id: 'old', ...m.newRecord()};
+                m.applyChange(record, change);
+                tx.objectStore('records').put(record, ['todos', 'old']);
+                tx.objectStore('outbox').add({change, batch: ''});
+                tx.oncomplete = resolve;
+            });
+            legacy.close();
+            const client = new m.HubClient({device: 'd1', token, tabs: false});
+            await client.start();
+            let actor = null;
+            const fields = {};
+            for (let i = 0; i < 17; i++) fields['f' + i] = Array(203).fill(1e308);
+            try {
+                await client.upsert('todos', 'big', fields, {actor: Array(13).fill(1e308)});
+            } catch (err) {
+                actor = err.name;
+            }
+            await new Promise((resolve) => {
+                const check = (s) => { if (s.state === 'online' && s.pending === 0) resolve(); };
+                client.on('status', check);
+                check(client.status);
+            });
+            const dbName = client.dbName;
+            client.close();
+            return {deleted, actor, dbName};
+        }""",
+        devices.hub.token(user),
+    )
+    assert result == {"deleted": "deleted", "actor": "RangeError", "dbName": "hub:d1"}, result
+    assert [d["id"] for d in devices.hub.pull_all(user)] == ["old"]
+
+
+def test_a_too_big_change_in_a_batch_claimed_before_does_not_block_the_outbox(
+    devices: Devices,
+) -> None:
+    """A change too big for one message, in a batch an earlier version
+    claimed: it leaves the outbox, reported, and what follows is pushed."""
+    user = new_user()
+    page = devices.open(devices.new(), None)
+    result = page.evaluate(
+        """async (token) => {
+            const m = await import('/client/hub.js');
+            const first = new m.HubClient({device: 'd1', dbName: 'stale', token, tabs: false});
+            await first.start();
+            first.close();
+            const db = await new Promise((resolve, reject) => {
+                const open = indexedDB.open('stale', 1);
+                open.onsuccess = () => resolve(open.result);
+                open.onerror = () => reject(open.error);
+            });
+            const hlc = m.formatStamp(Date.now(), 0, 'd1');
+            const change = {collection: 'todos', id: 'huge', op: 'upsert',
+                            fields: {body: {value: 'x'.repeat(1100000), hlc}}};
+            await new Promise((resolve) => {
+                const tx = db.transaction(['outbox'], 'readwrite');
+                tx.objectStore('outbox').add({change, batch: 'p-claimed-earlier'});
+                tx.oncomplete = resolve;
+            });
+            db.close();
+            const client = new m.HubClient({device: 'd1', dbName: 'stale', token, tabs: false});
+            const errors = [];
+            client.on('error', (e) => errors.push(e.code));
+            await client.start();
+            await client.upsert('todos', 'after', {title: 'next'});
+            await new Promise((resolve) => {
+                const check = (s) => { if (s.state === 'online' && s.pending === 0) resolve(); };
+                client.on('status', check);
+                check(client.status);
+            });
+            client.close();
+            return errors;
+        }""",
+        devices.hub.token(user),
+    )
+    assert result == ["payload_too_large"], result
+    assert [d["id"] for d in devices.hub.pull_all(user)] == ["after"]

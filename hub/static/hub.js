@@ -211,7 +211,9 @@ async function defaultDbName(user, device) {
     const db = await openDatabase(legacy);
     try {
       const owner = await transact(db, [META], "readonly", (tx) => req(tx.objectStore(META).get("user")));
-      if (owner === user) return legacy;
+      // Its user, or none yet (filled offline, never connected: the version
+      // before this one gave it to the first user to connect, as this does).
+      if (owner === user || owner === undefined) return legacy;
     } finally {
       db.close();
     }
@@ -401,14 +403,21 @@ export class HubClient extends EventTarget {
     // one user's data is never shown to, or pushed as, another's.
     this.user ??= await this._tokenUser();
     this.dbName ??= await defaultDbName(this.user, this.device);
-    this.db = await openDatabase(this.dbName);
-    this.db.onversionchange = () => {
+    const db = await openDatabase(this.dbName);
+    db.onversionchange = () => {
       // Deleted or upgraded by another tab: this one lets go (the lock, the socket).
       this._fail("replica_closed", "another tab deleted or upgraded this replica");
       this.close();
+      db.close();
     };
+    if (this._closed) {
+      db.close(); // closed while it opened
+      return this;
+    }
+    this.db = db;
     await this._claimReplica();
     await this._refreshPending();
+    if (this._closed) return this;
     if (this._shareTabs && typeof BroadcastChannel !== "undefined") {
       this._channel = new BroadcastChannel(`hub:${this.dbName}`);
       this._channel.onmessage = (ev) => this._onTabMessage(ev.data);
@@ -437,7 +446,8 @@ export class HubClient extends EventTarget {
   /** Write fields of a record (a map of name to any JSON value); applied here at once, pushed soon. */
   async upsert(collection, id, fields, options = {}) {
     checkKey(collection, id);
-    const extra = changeOptions(options);
+    const growth = { bytes: 0 }; // what writing numbers out in full adds (the actor's too)
+    const extra = changeOptions(options, growth);
     if (fields === null || typeof fields !== "object" || Array.isArray(fields)) {
       throw new TypeError("fields must be an object of name: value");
     }
@@ -447,7 +457,6 @@ export class HubClient extends EventTarget {
       throw new RangeError(`${names.length} fields; a push writes at most ${MAX_FIELDS_PER_PUSH}`);
     }
     const values = {}; // as the hub will store them: what a JSON round trip gives
-    const growth = { bytes: 0 };
     for (const name of names) {
       if (!FIELD_RE.test(name)) {
         throw new TypeError(`bad field name ${JSON.stringify(name)}: [A-Za-z0-9_.-]{1,64}, not starting with _`);
@@ -487,11 +496,17 @@ export class HubClient extends EventTarget {
   /** Delete a record (a tombstone; a later upsert revives it with only the newer fields). */
   async delete(collection, id, options = {}) {
     checkKey(collection, id);
-    const extra = changeOptions(options);
-    return this._writeLocal(collection, id, (stamp, record) => {
-      applyDelete(record, stamp);
-      return { collection, id, op: "delete", hlc: stamp, ...extra };
-    });
+    const growth = { bytes: 0 };
+    const extra = changeOptions(options, growth);
+    return this._writeLocal(
+      collection,
+      id,
+      (stamp, record) => {
+        applyDelete(record, stamp);
+        return { collection, id, op: "delete", hlc: stamp, ...extra };
+      },
+      growth.bytes,
+    );
   }
 
   /** A live record's field values, or null when it is deleted or unknown. */
@@ -572,6 +587,7 @@ export class HubClient extends EventTarget {
     globalThis.removeEventListener?.("offline", this._onOffline);
     this._lockAbort?.abort();
     this._releaseLock?.();
+    this.leader = false;
     this._channel?.close();
     this._setState("closed");
     this.db?.close();
@@ -655,13 +671,17 @@ export class HubClient extends EventTarget {
     try {
       token = await this._getToken();
     } catch (err) {
-      throw new Error(
-        `could not get a token to tell whose replica to open (give options.user): ${err.message || err}`,
+      throw Object.assign(
+        new Error(`could not get a token to tell whose replica to open (give options.user): ${err.message || err}`),
+        { code: "no_user" },
       );
     }
     const user = jwtSubject(token);
     if (!validUser(user)) {
-      throw new TypeError("options.user is required: the token is not a JWT with a 'sub'");
+      throw Object.assign(
+        new TypeError("options.user is required: the token is not a JWT with a 'sub' (an API key, say)"),
+        { code: "no_user" },
+      );
     }
     return user;
   }
@@ -1026,7 +1046,7 @@ export class HubClient extends EventTarget {
         this._attempt = 0; // connected and caught up: the next loss starts backing off afresh
         if (this._ready && this.state === "syncing") this._setState("online");
       } catch (err) {
-        if (err.code !== "disconnected") this._fail(err.code || "client", err.message);
+        if (err.code !== "disconnected" && !this._closed) this._fail(err.code || "client", err.message);
       }
     })();
     this._pulling = run;
@@ -1224,14 +1244,25 @@ export class HubClient extends EventTarget {
           resend = { id, entries };
         }
       }
-      if (resend) return { id: resend.id, changes: resend.entries.map((e) => e.change), tooBig: [] };
-      // At most 200 changes and 512 KiB, or one change alone (at most
-      // MAX_CHANGE_BYTES): either way one message carries it. And within the
-      // hub's limits of a push: fields written, and numbers written out.
       // A change too big for one message (queued before upsert checked its
       // size) would close every connection that sends it (1009): it leaves the
       // outbox here, and is reported, instead.
       const tooBig = [];
+      if (resend) {
+        const changes = [];
+        for (const entry of resend.entries) {
+          if (jsonBytes(entry.change) > MAX_SENDABLE_CHANGE_BYTES) {
+            tooBig.push(entry.change);
+            outbox.delete(entry.seq);
+          } else {
+            changes.push(entry.change);
+          }
+        }
+        if (changes.length > 0) return { id: resend.id, changes, tooBig };
+      }
+      // At most 200 changes and 512 KiB, or one change alone (at most
+      // MAX_CHANGE_BYTES): either way one message carries it. And within the
+      // hub's limits of a push: fields written, and numbers written out.
       const fresh = [];
       let bytes = 0;
       let fields = 0;
@@ -1441,6 +1472,7 @@ export class HubClient extends EventTarget {
   }
 
   _fail(code, message, changes) {
+    if (this._closed) return; // what ends with the client is nobody's error
     const error = { code, message };
     if (changes) error.changes = changes;
     this.lastError = error;
@@ -1550,7 +1582,7 @@ function storedValue(value, limit, what, growth = null) {
 }
 
 /** The `origin` and `actor` of a change, checked; `{}` when neither is given. */
-function changeOptions(options) {
+function changeOptions(options, growth = null) {
   const out = {};
   if (options === null || options === undefined) return out;
   if (typeof options !== "object") throw new TypeError("options must be an object {origin, actor}");
@@ -1561,7 +1593,7 @@ function changeOptions(options) {
     out.origin = options.origin;
   }
   if (options.actor !== undefined && options.actor !== null) {
-    out.actor = storedValue(options.actor, MAX_ACTOR_BYTES, "actor");
+    out.actor = storedValue(options.actor, MAX_ACTOR_BYTES, "actor", growth);
   }
   return out;
 }
