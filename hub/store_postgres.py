@@ -961,7 +961,7 @@ async def check_database(
     when it starts), so that a database that cannot take it (no CREATE right,
     a clashing table) is named before the hub serves, not in a traceback."""
     try:
-        con = await asyncpg.connect(database_url, timeout=timeout)
+        con = await asyncpg.connect(database_url, timeout=timeout, command_timeout=timeout)
     except DATABASE_ERRORS as exc:
         return f"cannot connect: {type(exc).__name__}: {exc}"
     except ValueError as exc:  # a malformed URL, as asyncpg reads it
@@ -969,12 +969,17 @@ async def check_database(
     try:
         if apply_schema:
             async with con.transaction():
+                # Bounded: a lock the schema waits for (an index's, behind an
+                # open write) must not queue every other writer behind it.
+                await con.execute(f"SET LOCAL lock_timeout = {int(timeout * 1000)}")
                 await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 await con.execute(read_schema())
     except asyncpg.PostgresError as exc:
         return f"cannot apply the hub's schema: {type(exc).__name__}: {exc}"
+    except DATABASE_ERRORS as exc:
+        return f"cannot apply the hub's schema: {type(exc).__name__}"
     finally:
-        await con.close()
+        con.terminate()
     return None
 
 

@@ -526,6 +526,33 @@ def test_start_up_problems_are_one_line_that_names_them(tmp_path, database_url, 
         taken.close()
 
 
+async def test_a_schema_that_waits_on_a_lock_is_given_up_in_time(tmp_path, databases):
+    # An open write transaction holds hub_fields: the start-up check's schema
+    # waits for it no longer than HUB_DB_TIMEOUT_S, and says so in one line
+    # (waiting for good would also queue every other writer behind it).
+    url = await databases.acreate()
+    await (await PostgresStore.connect(url)).close()  # the schema in place
+    holder = await asyncpg.connect(url)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE hub_fields IN ROW EXCLUSIVE MODE")
+            started = time.monotonic()
+            done = await asyncio.to_thread(
+                serve_exits,
+                tmp_path,
+                HUB_HOST="127.0.0.1",
+                HUB_JWT_SECRET="s" * 40,
+                HUB_DATABASE_URL=url,
+                HUB_DB_TIMEOUT_S="2",
+            )
+            took = time.monotonic() - started
+    finally:
+        await holder.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("hub: HUB_DATABASE_URL: cannot apply the hub's schema")
+    assert took < 30, took
+
+
 async def _execute(url: str, sql: str) -> None:
     con = await asyncpg.connect(url)
     try:
