@@ -59,6 +59,10 @@ log = logging.getLogger("hub.app")
 HEALTH_CACHE_S = 1.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 SAMPLE_S = 1.0
+# Telling devices of a gap in their events while the database does not answer:
+# tried again after this long, doubled each time up to the most.
+GAP_RETRY_S = 0.25
+GAP_RETRY_MAX_S = 15.0
 GC_YOUNG_THRESHOLD = 10_000
 KEYS_USED_FLUSH_S = 30.0
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -121,7 +125,8 @@ class Hub:
         self._sampler: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
         self._rechecker: asyncio.Task[None] | None = None
-        self._gap_tasks: set[asyncio.Task[None]] = set()
+        self._gap_users: set[str] = set()  # users whose devices are to be told of a gap
+        self._gap_task: asyncio.Task[None] | None = None
 
     async def push(self, push: Push) -> PushResult:
         """A push from HTTP: through the user's coordinator, like a WebSocket push."""
@@ -146,7 +151,7 @@ class Hub:
     async def stop(self) -> None:
         """Stop background work and let the committer finish, within an eighth of
         the shutdown bound (the drain had half of it already)."""
-        for task in (self._sampler, self._retention, self._rechecker, *self._gap_tasks):
+        for task in (self._sampler, self._retention, self._rechecker, self._gap_task):
             if task is not None:
                 task.cancel()
         closing = asyncio.ensure_future(self.committer.close())
@@ -159,23 +164,32 @@ class Hub:
 
     def gap(self, users: list[str]) -> None:
         """Events of these users may have been lost on their way here (the
-        broker was down, or subscribed late): tell their devices to pull."""
-        task = asyncio.get_running_loop().create_task(self._tell_of_gap(users))
-        self._gap_tasks.add(task)
-        task.add_done_callback(self._gap_tasks.discard)
+        broker was down, or subscribed late): tell their devices to pull.
+        Users told of at once share one query; one runs at a time."""
+        self._gap_users.update(users)
+        if self._gap_task is None or self._gap_task.done():
+            self._gap_task = asyncio.get_running_loop().create_task(self._tell_of_gaps())
 
-    async def _tell_of_gap(self, users: list[str]) -> None:
-        local = [u for u in users if self.coordinators.of_user(u)]
-        if not local:
-            return
-        try:
-            versions = await self.store.versions(local)
-        except Exception as exc:  # the database is down too: they pull when it is back
-            log.warning("could not tell devices of a gap in events: %s", type(exc).__name__)
-            return
-        for user, version in versions.items():  # (a user with no history missed nothing)
-            if version:
-                self.coordinators.notify(user, version)
+    async def _tell_of_gaps(self) -> None:
+        failures = 0
+        while self._gap_users:
+            await asyncio.sleep(0)  # the users of this loop turn, together
+            users, self._gap_users = self._gap_users, set()
+            local = [u for u in users if self.coordinators.of_user(u)]
+            if not local:
+                continue
+            try:
+                versions = await self.store.versions(local)
+            except Exception as exc:  # the database is down too: again, once it answers
+                log.warning("could not tell devices of a gap in events: %s", type(exc).__name__)
+                self._gap_users.update(local)
+                failures += 1
+                await asyncio.sleep(min(GAP_RETRY_MAX_S, GAP_RETRY_S * 2**failures))
+                continue
+            failures = 0
+            for user, version in versions.items():  # (a user with no history missed nothing)
+                if version:
+                    self.coordinators.notify(user, version)
 
     # -- revocations ----------------------------------------------------------------
 

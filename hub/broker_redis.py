@@ -248,6 +248,7 @@ class RedisBroker:
                 continue
             self._subscribed.clear()
             self._confirmed.clear()
+            self._were_live &= set(self._handlers)  # (those given up meanwhile: no gap)
             self._sync_subscriptions()
             self.connected = True
             self._flush()
@@ -345,7 +346,6 @@ class RedisBroker:
     def unsubscribe(self, user: str) -> None:
         ch = self._channel(user)
         if self._handlers.pop(ch, None) is not None:
-            self._were_live.discard(ch)
             for ready in self._waiting.pop(ch, []):
                 ready.cancel()
             self._schedule_sync()
@@ -373,6 +373,9 @@ class RedisBroker:
         self._subscribed -= remove
         # Not confirmed from now on: a new subscription waits for its own answer.
         self._confirmed -= remove
+        # Nor live before, as far as gaps go: a channel given up and wanted
+        # again in one loop turn was never unsubscribed, and stays.
+        self._were_live -= remove
 
     def _on_subscriber_reply(self, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError) or not isinstance(reply, list) or not reply:

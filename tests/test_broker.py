@@ -243,3 +243,31 @@ async def test_deployments_on_other_redis_databases_do_not_hear_each_other(redis
     finally:
         for broker in brokers:
             await broker.close()
+
+
+async def test_redis_broker_names_the_users_whose_events_a_reconnect_may_have_lost(redis_url):
+    """After its pub/sub connection is killed and made again, the broker
+    names (on_gap) every user whose channel was live before: one given up
+    and wanted again in one loop turn too, not one given up."""
+    broker = RedisBroker(redis_url)
+    gaps: list[str] = []
+    broker.on_gap = gaps.extend
+    await broker.start()
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        alice, bob, carol = new_user(), new_user(), new_user()
+        for user in (alice, bob, carol):
+            await subscribed(broker, user, Inbox())
+        broker.unsubscribe(alice)
+        broker.subscribe(alice, Inbox())  # (the same loop turn)
+        broker.unsubscribe(carol)
+        await asyncio.sleep(0.2)  # the UNSUBSCRIBE is sent
+        assert gaps == []
+        reconnects = broker.reconnects
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await wait_for(lambda: broker.reconnects > reconnects, timeout=10)
+        await wait_for(lambda: {alice, bob} <= set(gaps), timeout=15)
+        assert carol not in gaps
+    finally:
+        await admin.aclose()
+        await broker.close()

@@ -903,3 +903,36 @@ async def test_a_device_welcomed_before_its_subscription_is_live_is_told_to_pull
         notice = await phone.expect("sync_available", timeout=15)
         assert notice["version"] == missed["version"]
         await phone.close()
+
+
+async def test_devices_hear_of_a_gap_once_the_database_answers_again(
+    hub_factory, redis_url, database_url
+):
+    # Hub A loses Redis and PostgreSQL; hub B commits a push. Redis comes
+    # back first: A cannot read the user's version yet, and tells its device
+    # once PostgreSQL answers again.
+    from support import TcpProxy
+
+    async with (
+        TcpProxy.for_url(redis_url) as redis_proxy,
+        TcpProxy.for_url(database_url) as db_proxy,
+    ):
+        env = {
+            "HUB_REDIS_URL": redis_proxy.url(redis_url),
+            "HUB_DATABASE_URL": db_proxy.url(database_url),
+            "HUB_DB_TIMEOUT_S": "1",
+        }
+        hub_a = await asyncio.to_thread(hub_factory, env)
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        user = new_user()
+        phone = await connect(hub_a, user, "phone")
+        db_proxy.cut(refuse=True)
+        redis_proxy.cut(refuse=True)
+        await wait_for(lambda: '"msg":"broker connection lost"' in hub_a.logs(), timeout=10)
+        missed = (await http_push(hub_b, user, [change("t1", stamp(), x=1)])).json()
+        redis_proxy.cut(refuse=False)
+        await wait_for(lambda: "could not tell devices of a gap" in hub_a.logs(), timeout=20)
+        db_proxy.cut(refuse=False)
+        notice = await phone.expect("sync_available", timeout=30)
+        assert notice["version"] == missed["version"]
+        await phone.close()
