@@ -125,7 +125,8 @@ class Hub:
         self._sampler: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
         self._rechecker: asyncio.Task[None] | None = None
-        self._gap_users: set[str] = set()  # users whose devices are to be told of a gap
+        self._gap_users: set[str] = set()  # users whose devices here are to be told of a gap
+        self._unsure_users: set[str] = set()  # ... and whose devices elsewhere are
         self._gap_task: asyncio.Task[None] | None = None
 
     async def push(self, push: Push) -> PushResult:
@@ -142,6 +143,7 @@ class Hub:
     def start(self) -> None:
         self.committer.start()
         self.broker.on_gap = self.gap
+        self.broker.on_unsure = self.unsure
         self.broker.subscribe(CONTROL, self._control)
         self._sampler = asyncio.get_running_loop().create_task(self._sample())
         self._retention = asyncio.get_running_loop().create_task(self._purge_periodically())
@@ -167,29 +169,42 @@ class Hub:
         broker was down, or subscribed late): tell their devices to pull.
         Users told of at once share one query; one runs at a time."""
         self._gap_users.update(users)
+        self._tell_of_gaps_soon()
+
+    def unsure(self, users: list[str]) -> None:
+        """Events of these users published here may not have reached the
+        other processes: tell their devices there to pull."""
+        self._unsure_users.update(users)
+        self._tell_of_gaps_soon()
+
+    def _tell_of_gaps_soon(self) -> None:
         if self._gap_task is None or self._gap_task.done():
             self._gap_task = asyncio.get_running_loop().create_task(self._tell_of_gaps())
 
     async def _tell_of_gaps(self) -> None:
         failures = 0
-        while self._gap_users:
+        while self._gap_users or self._unsure_users:
             await asyncio.sleep(0)  # the users of this loop turn, together
-            users, self._gap_users = self._gap_users, set()
-            local = [u for u in users if self.coordinators.of_user(u)]
-            if not local:
+            local = {u for u in self._gap_users if self.coordinators.of_user(u)}
+            elsewhere = self._unsure_users
+            self._gap_users, self._unsure_users = set(), set()
+            if not local and not elsewhere:
                 continue
             try:
-                versions = await self.store.versions(local)
+                versions = await self.store.versions(sorted(local | elsewhere))
             except Exception as exc:  # the database is down too: again, once it answers
                 log.warning("could not tell devices of a gap in events: %s", type(exc).__name__)
-                self._gap_users.update(local)
+                self._gap_users |= local
+                self._unsure_users |= elsewhere
                 failures += 1
                 await asyncio.sleep(min(GAP_RETRY_MAX_S, GAP_RETRY_S * 2**failures))
                 continue
             failures = 0
             for user, version in versions.items():  # (a user with no history missed nothing)
-                if version:
+                if version and user in local:
                     self.coordinators.notify(user, version)
+                if version and user in elsewhere:
+                    self.coordinators.announce(user, version)
 
     # -- revocations ----------------------------------------------------------------
 

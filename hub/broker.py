@@ -39,6 +39,10 @@ class Broker(Protocol):
     #: transport was down, or confirmed it late): events published meanwhile
     #: did not arrive, and their devices are to be told to pull.
     on_gap: Callable[[list[str]], None] | None
+    #: Told of users whose events published here may not have reached the
+    #: other processes (the transport failed under them): their devices
+    #: there are to be told to pull.
+    on_unsure: Callable[[list[str]], None] | None
 
     async def start(self) -> None: ...
 

@@ -20,6 +20,7 @@ class MemoryBroker:
     kind = "memory"
     spans_processes = False
     on_gap: Callable[[list[str]], None] | None = None  # it has no gaps
+    on_unsure: Callable[[list[str]], None] | None = None
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}

@@ -201,6 +201,14 @@ class RedisBroker:
         self._were_live: set[bytes] = set()
         self._gaps: list[str] = []  # users told of at the end of this loop turn
         self.on_gap: Callable[[list[str]], None] | None = None
+        # Users this process published for since the link last proved itself
+        # (a probe's round trip), and those whose events may not have reached
+        # Redis: published into a link found dead, or dropped. Once connected
+        # again, the hub is told of the latter (on_unsure), so that the other
+        # processes' devices hear of what they may have missed.
+        self._window: set[str] = set()
+        self._unsure: set[str] = set()
+        self.on_unsure: Callable[[list[str]], None] | None = None
         self._outbox: deque[bytes] = deque()  # packed PUBLISH commands not yet written
         self._flush_scheduled = False
         self._sync_scheduled = False
@@ -253,8 +261,13 @@ class RedisBroker:
             self.connected = True
             self._flush()
             log.info("broker connected", extra={"channels": len(self._subscribed)})
+            if self._unsure:
+                unsure, self._unsure = list(self._unsure), set()
+                self._tell(self.on_unsure, unsure)
             backoff = BACKOFF_START_S
             silent = await self._watch(self._sub, self._pub)
+            self._unsure |= self._window
+            self._window = set()
             self._drop_connections()
             if not self._closing:
                 log.warning(
@@ -274,7 +287,11 @@ class RedisBroker:
             )
             if done:
                 return False
+            # A probe that comes back proves what was published before it went.
+            proven, self._window = self._window, set()
             alive = (await self.probe(self._check_s))["ok"]
+            if not alive:
+                self._window |= proven
             misses = 0 if alive else misses + 1
             if misses >= CHECK_MISSES:
                 return True
@@ -294,11 +311,13 @@ class RedisBroker:
     # -- publishing -------------------------------------------------------------
 
     def publish(self, user: str, payload: bytes) -> None:
+        self._window.add(user)
         self._publish(self._channel(user), payload)
 
     def _publish(self, ch: bytes, payload: bytes) -> None:
         if len(self._outbox) >= MAX_OUTBOX:
             self.dropped += 1
+            self._unsure |= self._window  # (among them, the user of this one)
             return
         self._outbox.append(pack(b"PUBLISH", ch, payload))
         if not self._flush_scheduled and self.connected:
@@ -314,6 +333,7 @@ class RedisBroker:
         if pub.unsent() > MAX_UNSENT_BYTES:  # Redis stopped reading: at most once
             self.dropped += len(self._outbox)
             self._outbox.clear()
+            self._unsure |= self._window
             return
         count = len(self._outbox)
         pub.send(b"".join(self._outbox))
@@ -405,9 +425,13 @@ class RedisBroker:
 
     def _tell_gaps(self) -> None:
         users, self._gaps = self._gaps, []
-        if self.on_gap is not None and users:
+        self._tell(self.on_gap, users)
+
+    @staticmethod
+    def _tell(hook: Callable[[list[str]], None] | None, users: list[str]) -> None:
+        if hook is not None and users:
             try:
-                self.on_gap(users)
+                hook(users)
             except Exception:
                 log.exception("could not tell of a gap in the events")
 

@@ -201,6 +201,14 @@ class Coordinators:
             event = Event(self.process_id, None, version, (), None, time.time())
             self._count(event, coordinator.deliver(event))
 
+    def announce(self, user: str, version: int) -> None:
+        """Have every other process send ``user``'s connections a
+        ``sync_available`` for ``version``: after events published here may
+        not have reached them."""
+        if self.broker.spans_processes:
+            event = Event(self.process_id, None, version, (), None, time.time())
+            self.broker.publish(user, event.to_wire())
+
     def of_user(self, user: str) -> list[Receiver]:
         coordinator = self.users.get(user)
         return list(coordinator.connections.values()) if coordinator else []

@@ -936,3 +936,25 @@ async def test_devices_hear_of_a_gap_once_the_database_answers_again(
         notice = await phone.expect("sync_available", timeout=30)
         assert notice["version"] == missed["version"]
         await phone.close()
+
+
+async def test_devices_elsewhere_hear_of_events_published_into_a_dead_link(hub_factory, redis_url):
+    # Hub A's link to Redis goes silent (a NAT that dropped it) and A commits
+    # a push: its event goes nowhere. Once A has found the link dead and made
+    # a new one, the devices on hub B get sync_available with the version.
+    from support import TcpProxy
+
+    async with TcpProxy.for_url(redis_url) as proxy:
+        env = {"HUB_REDIS_URL": proxy.url(redis_url), "HUB_BROKER_CHECK_S": "0.5"}
+        hub_a = await asyncio.to_thread(hub_factory, env)
+        hub_b = hub_factory({"HUB_REDIS_URL": redis_url})
+        user = new_user()
+        phone = await connect(hub_b, user, "phone")
+        ack = (await http_push(hub_a, user, [change("t0", stamp(), x=0)])).json()
+        assert (await phone.expect("change"))["version"] == ack["version"]
+        proxy.freeze()
+        lost = (await http_push(hub_a, user, [change("t1", stamp(), x=1)])).json()
+        notice = await phone.expect("sync_available", timeout=20)
+        assert notice["version"] == lost["version"] and notice["collections"] == []
+        assert "broker link silent; reconnecting" in hub_a.logs()
+        await phone.close()
