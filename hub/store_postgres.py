@@ -74,6 +74,10 @@ NEVER_RECYCLE = 2**62
 DEVICE_SEEN_S = 60.0  # last_seen is kept to about this precision
 SEEN_DEVICES_MAX = 100_000
 
+# A statement the server gave up on for its time (statement_timeout,
+# lock_timeout): the database is slow, the request is not at fault.
+TOO_SLOW = (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
+
 # Failures of the connection or the server as a whole: no push is at fault.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -518,8 +522,8 @@ class PostgresStore:
         except CONNECTION_ERRORS as exc:
             log.warning("database unavailable: %s", type(exc).__name__)
             raise Unavailable("the database is unavailable; retry") from None
-        except asyncpg.QueryCanceledError:  # the server's statement_timeout
-            log.warning("database too slow: a statement was canceled")
+        except TOO_SLOW as exc:  # the server's statement_timeout or lock_timeout
+            log.warning("database too slow: %s", type(exc).__name__)
             raise Unavailable("the database did not answer in time; retry") from None
 
     async def has_schema(self) -> bool:
@@ -1005,8 +1009,8 @@ def _rejection(exc: asyncpg.PostgresError) -> HubError:
     """The answer to a push that failed on its own."""
     if isinstance(exc, asyncpg.DataError):
         return InvalidChange(f"the database refused a value: {exc.__class__.__name__}")
-    if isinstance(exc, asyncpg.QueryCanceledError):  # the server's statement_timeout
-        log.warning("database too slow: a push's statement was canceled")
+    if isinstance(exc, TOO_SLOW):  # the server's statement_timeout or lock_timeout
+        log.warning("database too slow for a push: %s", type(exc).__name__)
         return Unavailable("the database did not answer in time; retry")
     log.error("push failed in the database: %s: %s", type(exc).__name__, exc)
     return Internal("the push could not be stored")

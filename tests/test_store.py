@@ -511,7 +511,8 @@ async def test_a_big_purge_goes_in_bounded_transactions(
         await store.close()
 
 
-async def test_a_statement_timeout_is_unavailable_not_internal(databases: Databases):
+@pytest.mark.parametrize("timeout", ["statement_timeout", "lock_timeout"])
+async def test_a_statement_timeout_is_unavailable_not_internal(databases: Databases, timeout: str):
     # With a statement_timeout set on the database's side, a pull or a push
     # that waits past it (here on a lock held from outside) is a retry later
     # (503 unavailable), not an internal error (500).
@@ -519,7 +520,7 @@ async def test_a_statement_timeout_is_unavailable_not_internal(databases: Databa
     await (await PostgresStore.connect(url)).close()  # the schema
     holder = await asyncpg.connect(url)
     name = await holder.fetchval("SELECT current_database()")
-    await holder.execute(f'ALTER DATABASE "{name}" SET statement_timeout = 300')
+    await holder.execute(f'ALTER DATABASE "{name}" SET {timeout} = 300')
     store = await PostgresStore.connect(url, max_size=2)
     try:
         await commit_one(store, push(user, upsert("t1", a=(1, stamp(1)))))
