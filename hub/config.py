@@ -51,9 +51,12 @@ def _origins(text: str) -> tuple[str, ...]:
     for origin in origins:
         parts = urlsplit(origin)
         try:
-            port_ok = parts.port is None or parts.port > 0
+            port = parts.port
         except ValueError:
-            port_ok = False
+            port = -1
+        port_ok = port is None or port > 0
+        default_port = {"http": 80, "https": 443}.get(parts.scheme)
+        port_text = parts.netloc.rpartition(":")[2] if port is not None else ""
         if (
             parts.scheme not in ("http", "https")
             or not parts.hostname
@@ -62,10 +65,15 @@ def _origins(text: str) -> tuple[str, ...]:
             or "*" in origin
             or origin != f"{parts.scheme}://{parts.netloc}"
             or origin != origin.lower()
+            or not origin.isascii()
+            # (as browsers send it: no default port, no padded one)
+            or port == default_port
+            or port_text.startswith("0")
         ):
             raise ValueError(
                 f"{origin!r} is not an origin: want scheme://host[:port], http or https, "
-                "lowercase, with no path (not even '/'), query or wildcard"
+                "lowercase and ASCII (punycode), no default port, with no path (not even "
+                "'/'), query or wildcard"
             )
     return origins
 

@@ -174,6 +174,12 @@ def test_a_bad_duration_is_quoted_whole(raw: str, unit: str) -> None:
         "https://app.example.com:0",
         "https://app.example.com:99999",
         "https://a.example,*",
+        # Never sent so by a browser: a default port, a padded one, a host
+        # that is not in its ASCII form.
+        "https://app.example.com:443",
+        "http://app.example.com:80",
+        "http://app.example.com:080",
+        "http://bücher.example",
     ],
 )
 def test_allowed_origins_are_exact_origins(raw: str) -> None:
