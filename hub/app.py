@@ -41,7 +41,7 @@ from .broker_redis import RedisBroker
 from .committer import Committer
 from .config import Settings
 from .coordinator import Coordinators
-from .errors import BadRequest, RateLimited
+from .errors import BadRequest, RateLimited, Unavailable
 from .metrics import Metrics
 from .presence import MemoryPresence, Presence
 from .presence_redis import RedisPresence
@@ -168,13 +168,13 @@ class Hub:
         """Events of these users may have been lost on their way here (the
         broker was down, or subscribed late): tell their devices to pull.
         Users told of at once share one query; one runs at a time."""
-        self._gap_users.update(users)
+        self._gap_users.update(u for u in users if u != CONTROL)
         self._tell_of_gaps_soon()
 
     def unsure(self, users: list[str]) -> None:
         """Events of these users published here may not have reached the
         other processes: tell their devices there to pull."""
-        self._unsure_users.update(users)
+        self._unsure_users.update(u for u in users if u != CONTROL)
         self._tell_of_gaps_soon()
 
     def _tell_of_gaps_soon(self) -> None:
@@ -192,12 +192,15 @@ class Hub:
                 continue
             try:
                 versions = await self.store.versions(sorted(local | elsewhere))
-            except Exception as exc:  # the database is down too: again, once it answers
-                log.warning("could not tell devices of a gap in events: %s", type(exc).__name__)
+            except Unavailable:  # the database is down too: again, once it answers
+                log.warning("could not tell devices of a gap in events: the database is down")
                 self._gap_users |= local
                 self._unsure_users |= elsewhere
-                failures += 1
+                failures = min(failures + 1, 16)
                 await asyncio.sleep(min(GAP_RETRY_MAX_S, GAP_RETRY_S * 2**failures))
+                continue
+            except Exception:  # not to be had by asking again: these users are let go
+                log.exception("could not tell devices of a gap in events")
                 continue
             failures = 0
             for user, version in versions.items():  # (a user with no history missed nothing)

@@ -207,6 +207,7 @@ class RedisBroker:
         # again, the hub is told of the latter (on_unsure), so that the other
         # processes' devices hear of what they may have missed.
         self._window: set[str] = set()
+        self._proving: set[str] = set()  # the window a probe under way is to prove
         self._unsure: set[str] = set()
         self.on_unsure: Callable[[list[str]], None] | None = None
         self._outbox: deque[bytes] = deque()  # packed PUBLISH commands not yet written
@@ -288,10 +289,14 @@ class RedisBroker:
             if done:
                 return False
             # A probe that comes back proves what was published before it went.
-            proven, self._window = self._window, set()
+            self._proving, self._window = self._window, set()
             alive = (await self.probe(self._check_s))["ok"]
             if not alive:
-                self._window |= proven
+                self._window |= self._proving
+            self._proving = set()
+            if alive and self._unsure:  # events dropped on a link that holds: told now
+                unsure, self._unsure = list(self._unsure), set()
+                self._tell(self.on_unsure, unsure)
             misses = 0 if alive else misses + 1
             if misses >= CHECK_MISSES:
                 return True
@@ -312,17 +317,19 @@ class RedisBroker:
 
     def publish(self, user: str, payload: bytes) -> None:
         self._window.add(user)
-        self._publish(self._channel(user), payload)
+        if not self._publish(self._channel(user), payload):
+            self._unsure.add(user)
 
-    def _publish(self, ch: bytes, payload: bytes) -> None:
+    def _publish(self, ch: bytes, payload: bytes) -> bool:
+        """Queue a PUBLISH; False when it was dropped (the outbox is full)."""
         if len(self._outbox) >= MAX_OUTBOX:
             self.dropped += 1
-            self._unsure |= self._window  # (among them, the user of this one)
-            return
+            return False
         self._outbox.append(pack(b"PUBLISH", ch, payload))
         if not self._flush_scheduled and self.connected:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+        return True
 
     def _flush(self) -> None:
         """Write every queued PUBLISH in one go (events of one loop turn: one write)."""
@@ -333,7 +340,9 @@ class RedisBroker:
         if pub.unsent() > MAX_UNSENT_BYTES:  # Redis stopped reading: at most once
             self.dropped += len(self._outbox)
             self._outbox.clear()
-            self._unsure |= self._window
+            # The dropped events' users: published since the last proof, or
+            # in the window a probe under way is to prove.
+            self._unsure |= self._window | self._proving
             return
         count = len(self._outbox)
         pub.send(b"".join(self._outbox))

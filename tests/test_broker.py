@@ -271,3 +271,28 @@ async def test_redis_broker_names_the_users_whose_events_a_reconnect_may_have_lo
     finally:
         await admin.aclose()
         await broker.close()
+
+
+async def test_redis_broker_names_users_whose_events_it_dropped_on_a_link_that_holds(
+    redis_url, monkeypatch
+):
+    """An event dropped (the outbox full) while the link stays up is named
+    (on_unsure) once a probe proves the link again, not at some later
+    reconnect; the other users published meanwhile are not."""
+    from hub import broker_redis
+
+    broker = RedisBroker(redis_url, check_s=0.2)
+    unsure: list[str] = []
+    broker.on_unsure = unsure.extend
+    await broker.start()
+    try:
+        await wait_for(lambda: broker.connected, timeout=10)
+        dropped, fine = new_user(), new_user()
+        broker.publish(fine, b"goes out")
+        monkeypatch.setattr(broker_redis, "MAX_OUTBOX", 0)
+        broker.publish(dropped, b"dropped")
+        monkeypatch.setattr(broker_redis, "MAX_OUTBOX", 50_000)
+        await wait_for(lambda: unsure, timeout=10)
+        assert unsure == [dropped] and broker.reconnects == 0
+    finally:
+        await broker.close()

@@ -953,7 +953,15 @@ async def test_devices_elsewhere_hear_of_events_published_into_a_dead_link(hub_f
         ack = (await http_push(hub_a, user, [change("t0", stamp(), x=0)])).json()
         assert (await phone.expect("change"))["version"] == ack["version"]
         proxy.freeze()
-        lost = (await http_push(hub_a, user, [change("t1", stamp(), x=1)])).json()
+        # A revocation published into the dead link too: its channel is no
+        # user's, and must not stop the users' announcements.
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.delete(
+                f"{hub_a.url}/v1/devices/http-dev",
+                headers={"Authorization": f"Bearer {token_for(user)}"},
+            )
+        assert r.status_code == 204, r.text
+        lost = (await http_push(hub_a, user, [change("t1", stamp(), x=1)], device="laptop")).json()
         notice = await phone.expect("sync_available", timeout=20)
         assert notice["version"] == lost["version"] and notice["collections"] == []
         assert "broker link silent; reconnecting" in hub_a.logs()
