@@ -94,6 +94,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+async def _apply_schema(con: Any, timeout: float) -> None:
+    """Apply ``schema.sql`` (idempotent), one process at a time. Its locks are
+    waited for at most ``timeout``: behind an open write, an index's lock
+    must not queue every other writer behind it for longer."""
+    async with con.transaction():
+        await con.execute(f"SET LOCAL lock_timeout = {int(timeout * 1000)}")
+        await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await con.execute(read_schema())
+
+
 def read_schema() -> str:
     """``schema.sql``: from the source tree when run from it, else from the package."""
     here = Path(__file__).resolve().parent
@@ -485,9 +495,7 @@ class PostgresStore:
         try:
             if apply_schema:
                 async with pool.acquire() as con:
-                    async with con.transaction():
-                        await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                        await con.execute(read_schema())
+                    await _apply_schema(con, timeout)
         except BaseException:
             await pool.close()
             raise
@@ -972,12 +980,7 @@ async def check_database(
         return f"cannot be used: {exc}"
     try:
         if apply_schema:
-            async with con.transaction():
-                # Bounded: a lock the schema waits for (an index's, behind an
-                # open write) must not queue every other writer behind it.
-                await con.execute(f"SET LOCAL lock_timeout = {int(timeout * 1000)}")
-                await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                await con.execute(read_schema())
+            await _apply_schema(con, timeout)
     except asyncpg.PostgresError as exc:
         return f"cannot apply the hub's schema: {type(exc).__name__}: {exc}"
     except DATABASE_ERRORS as exc:
